@@ -1,0 +1,103 @@
+"""Block codecs: raw, zstd, byte-grouped zstd, XOR against a reference block then byte-grouped zstd.
+
+A codec is picked per block by encoded size. Byte grouping splits each element's bytes into planes
+(all first bytes, then all second bytes, ...) so the slowly varying exponent bytes of floats sit
+together and compress; XOR against the base's block turns a fine-tune's small changes into mostly-zero
+high bytes. Delta chains are one level deep: a reference block is never itself XOR-coded.
+"""
+
+from __future__ import annotations
+
+import threading
+from enum import IntEnum
+
+import numpy as np
+import zstandard
+
+from .errors import CorruptionError
+
+
+class Codec(IntEnum):
+    RAW = 0
+    ZSTD = 1
+    GROUPED_ZSTD = 2
+    XOR_GROUPED_ZSTD = 3
+
+
+_local = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    # zstandard contexts are not thread-safe: one per thread and level.
+    cache = _local.__dict__.setdefault("compressors", {})
+    if level not in cache:
+        cache[level] = zstandard.ZstdCompressor(level=level)
+    return cache[level]
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    if not hasattr(_local, "decompressor"):
+        _local.decompressor = zstandard.ZstdDecompressor()
+    return _local.decompressor
+
+
+def group_bytes(raw: bytes | memoryview, width: int) -> bytes:
+    """Element bytes split into `width` planes; the identity for width 1."""
+    if width == 1:
+        return bytes(raw)
+    return np.frombuffer(raw, dtype=np.uint8).reshape(-1, width).T.tobytes()
+
+
+def ungroup_bytes(grouped: bytes, width: int) -> bytes:
+    if width == 1:
+        return grouped
+    return np.frombuffer(grouped, dtype=np.uint8).reshape(width, -1).T.tobytes()
+
+
+def xor_bytes(a: bytes | memoryview, b: bytes | memoryview) -> bytes:
+    lane = np.uint64 if len(a) % 8 == 0 else np.uint8
+    return np.bitwise_xor(np.frombuffer(a, dtype=lane), np.frombuffer(b, dtype=lane)).tobytes()
+
+
+def encode(raw: bytes | memoryview, width: int, level: int, ref: bytes | None = None) -> tuple[Codec, bytes]:
+    """Encode one block; returns the smallest of the candidates, never larger than raw.
+
+    With a reference (the base's block at the same position, same length), the candidate is XOR then
+    byte grouping; without, byte grouping for multi-byte elements and plain zstd for bytes.
+    """
+    if width > 1 and len(raw) % width:
+        width = 1  # a block that is not whole elements (cannot happen for tensors) is grouped as bytes
+    if ref is not None and len(ref) == len(raw):
+        codec, body = Codec.XOR_GROUPED_ZSTD, group_bytes(xor_bytes(raw, ref), width)
+    elif width > 1:
+        codec, body = Codec.GROUPED_ZSTD, group_bytes(raw, width)
+    else:
+        codec, body = Codec.ZSTD, bytes(raw)
+    payload = _compressor(level).compress(body)
+    if len(payload) >= len(raw):
+        return Codec.RAW, bytes(raw)
+    return codec, payload
+
+
+def decode(codec: int, payload: bytes, raw_len: int, width: int, ref: bytes | None = None) -> bytes:
+    """Inverse of encode. Raises CorruptionError on any malformed payload."""
+    try:
+        if codec == Codec.RAW:
+            body = payload
+        else:
+            body = _decompressor().decompress(payload, max_output_size=raw_len)
+        if len(body) != raw_len:
+            raise CorruptionError(f"decoded {len(body)} bytes, expected {raw_len}")
+        if codec in (Codec.RAW, Codec.ZSTD):
+            return body
+        if codec == Codec.GROUPED_ZSTD:
+            return ungroup_bytes(body, width)
+        if codec == Codec.XOR_GROUPED_ZSTD:
+            if ref is None or len(ref) != raw_len:
+                raise CorruptionError("XOR-coded block without a matching reference block")
+            return xor_bytes(ungroup_bytes(body, width), ref)
+    except zstandard.ZstdError as exc:
+        raise CorruptionError(f"zstd: {exc}") from None
+    except ValueError as exc:  # reshape of a body that is not whole elements
+        raise CorruptionError(f"malformed block payload: {exc}") from None
+    raise CorruptionError(f"unknown codec id {codec}")
