@@ -1,0 +1,1 @@
+"""Benchmark helpers: synthetic model generation and benchmark drivers (not part of the installed package)."""
