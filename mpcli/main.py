@@ -47,6 +47,25 @@ class Context:
 pass_ctx = click.make_pass_decorator(Context)
 
 
+class UserError(click.ClickException):
+    """An MpstoreError shown as one line, `mpstore: error: ...`, exit status 1."""
+
+    def show(self, file=None) -> None:
+        click.echo(f"mpstore: error: {self.message}", err=True)
+
+
+class MpstoreGroup(click.Group):
+    """Turns the library's errors into one-line messages for every subcommand."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except MpstoreError as exc:
+            raise UserError(str(exc)) from None
+        except BrokenPipeError:
+            sys.exit(EXIT_ERROR)
+
+
 def _parse_size(text: str) -> int:
     units = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
              "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
@@ -59,7 +78,7 @@ def _parse_size(text: str) -> int:
         raise click.BadParameter(f"{text!r} is not a size (examples: 1048576, 1MiB, 512KiB)") from None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=MpstoreGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--store", "store_path", type=click.Path(path_type=Path), default=None, envvar="MPSTORE_PATH",
               help="Store folder. Default: $MPSTORE_PATH, else ./.mpstore in the current folder.")
 @click.version_option(package_name="mergepipe", prog_name="mpstore")
@@ -284,6 +303,14 @@ def fsck(ctx: Context, as_json: bool) -> None:
 
 
 @cli.command()
+@pass_ctx
+def reindex(ctx: Context) -> None:
+    """Rebuild the index from the pack files and the manifest log (after index/ was lost or damaged)."""
+    count = ctx.store.rebuild_index()
+    click.echo(f"index rebuilt: {count} blocks, {len(ctx.store.index.snapshot_ids())} snapshots")
+
+
+@cli.command()
 @click.argument("ref", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @pass_ctx
@@ -317,7 +344,7 @@ def log(ctx: Context, ref: str | None, as_json: bool) -> None:
         click.echo(f"{d['id'][:12]}{label}  {when(d['time'])}  {d['operation'].get('op', '?')}  parents: {parents}")
 
 
-@cli.group()
+@cli.group(cls=MpstoreGroup)
 def ref() -> None:
     """Create, move, rename and delete refs (names for snapshots)."""
 
@@ -353,22 +380,7 @@ def ref_mv(ctx: Context, old: str, new: str) -> None:
 
 
 def main() -> None:
-    try:
-        cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("mpstore: interrupted", err=True)
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except MpstoreError as exc:
-        click.echo(f"mpstore: error: {exc}", err=True)
-        sys.exit(EXIT_ERROR)
-    except KeyboardInterrupt:
-        click.echo("mpstore: interrupted", err=True)
-        sys.exit(130)
-    except BrokenPipeError:
-        sys.exit(EXIT_ERROR)
+    cli.main(prog_name="mpstore")
 
 
 if __name__ == "__main__":

@@ -163,6 +163,29 @@ class Store:
             offset, end = self.log.append(commit)
             self.index.apply_commit(commit, offset, end)
 
+    def rebuild_index(self) -> int:
+        """Rebuild the index from the packs and the log (after losing or damaging index/).
+
+        Returns the number of blocks indexed. Holds the commit lock; no writer may run meanwhile.
+        """
+        from .pack import RECORD_HEADER_SIZE, pack_numbers, pack_path, scan_pack
+
+        with self._lock.held():
+            self.index.clear()
+            count = 0
+            folder = self.path / "packs"
+            for number in pack_numbers(folder):
+                found, end = {}, None
+                for offset, block, codec, width, raw_len, ref, stored_len in scan_pack(pack_path(folder, number)):
+                    found.setdefault(block, BlockLocation(number, offset, stored_len, raw_len, codec, width, ref))
+                    end = offset + RECORD_HEADER_SIZE + stored_len
+                if end is not None:
+                    self.index.put_blocks(found, number, end)
+                    count += len(found)
+            self._manifest_cache.clear()
+            self._catch_up_locked()
+        return count
+
     def pack_writer(self) -> PackWriter:
         return PackWriter(self.path / "packs", self.index.pack_end)
 
