@@ -37,6 +37,11 @@ class Context:
         self.store_path = store_path
         self._store: Store | None = None
 
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
     @property
     def store(self) -> Store:
         if self._store is None:
@@ -101,6 +106,7 @@ def cli(ctx: click.Context, store_path: Path | None) -> None:
     A REF is a name (base, experts/math) or a unique prefix (4+ hex digits) of a snapshot id.
     """
     ctx.obj = Context(store_path or default_store_path())
+    ctx.call_on_close(ctx.obj.close)
 
 
 @cli.command()

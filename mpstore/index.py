@@ -8,7 +8,9 @@ See FORMAT.md, "Index".
 from __future__ import annotations
 
 import json
+import os
 import struct
+import threading
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -23,14 +25,44 @@ _U64 = struct.Struct("<Q")
 _DB_NAMES = ("meta", "blocks", "snapshots", "snapinfo", "refs", "pins", "packs")
 
 
+# LMDB allows one open environment per file per process: Index objects of one path share it.
+_shared: dict[str, list] = {}  # realpath -> [env, dbs, open count]
+_shared_lock = threading.Lock()
+
+
+def _acquire_env(path: Path) -> tuple[lmdb.Environment, dict]:
+    key = os.path.realpath(path)
+    with _shared_lock:
+        entry = _shared.get(key)
+        if entry is None:
+            try:
+                env = lmdb.open(key, max_dbs=len(_DB_NAMES) + 1, map_size=1 << 40, subdir=True,
+                                readahead=False, max_readers=256)
+                dbs = {name: env.open_db(name.encode()) for name in _DB_NAMES}
+            except lmdb.Error as exc:
+                raise MpstoreError(f"{path}: cannot open index: {exc}") from None
+            entry = _shared[key] = [env, dbs, 0]
+        entry[2] += 1
+        return entry[0], entry[1]
+
+
+def _release_env(path: Path) -> None:
+    key = os.path.realpath(path)
+    with _shared_lock:
+        entry = _shared.get(key)
+        if entry is None:
+            return
+        entry[2] -= 1
+        if entry[2] == 0:
+            entry[0].close()
+            del _shared[key]
+
+
 class Index:
     def __init__(self, path: Path):
-        try:
-            self.env = lmdb.open(str(path), max_dbs=len(_DB_NAMES) + 1, map_size=1 << 40, subdir=True,
-                                 readahead=False, max_readers=256)
-            self.dbs = {name: self.env.open_db(name.encode()) for name in _DB_NAMES}
-        except lmdb.Error as exc:
-            raise MpstoreError(f"{path}: cannot open index: {exc}") from None
+        self.path = path
+        self.env, self.dbs = _acquire_env(path)
+        self._open = True
         with self.env.begin(write=True) as txn:
             version = txn.get(b"version", db=self.dbs["meta"])
             if version is None:
@@ -39,7 +71,9 @@ class Index:
                 raise MpstoreError(f"{path}: index version {int(version)} is newer than this mpstore reads")
 
     def close(self) -> None:
-        self.env.close()
+        if self._open:
+            self._open = False
+            _release_env(self.path)
 
     # -- blocks ---------------------------------------------------------------------------------
 
