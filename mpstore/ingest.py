@@ -66,16 +66,25 @@ class _Source:
 
 
 def _delta_stats(dtype: DType, raw: memoryview, base_raw: bytes) -> DeltaStats:
-    """(L2 norm, max |delta|, changed elements) of raw - base_raw, from the numbers (numpy, no torch)."""
+    """(L2 norm, max |delta|, changed elements) of raw - base_raw, from the numbers (numpy, no torch).
+
+    Non-finite deltas (inf or NaN weights) count as changed elements but add nothing to the norms.
+    """
     from .dtypes import as_float32
 
-    width = dtype.group_width
-    lane = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[width]
+    lane = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[dtype.group_width]
     changed = int(np.count_nonzero(np.frombuffer(raw, lane) != np.frombuffer(base_raw, lane)))
-    delta = as_float32(dtype, raw) - as_float32(dtype, base_raw)
-    delta = np.nan_to_num(delta, nan=0.0, posinf=0.0, neginf=0.0)
-    l2 = float(np.sqrt(np.dot(delta.astype(np.float64), delta.astype(np.float64)))) if delta.size else 0.0
-    peak = float(np.max(np.abs(delta))) if delta.size else 0.0
+    if not changed:
+        return (0.0, 0.0, 0)
+    delta = as_float32(dtype, raw)
+    if not delta.flags.writeable:  # a view of the input (C64): subtract into a copy
+        delta = delta.copy()
+    np.subtract(delta, as_float32(dtype, base_raw), out=delta)
+    l2 = float(np.sqrt(np.dot(delta, delta)))
+    peak = float(np.abs(delta, out=delta).max())
+    if not (np.isfinite(l2) and np.isfinite(peak)):
+        delta = np.nan_to_num(as_float32(dtype, raw) - as_float32(dtype, base_raw), nan=0.0, posinf=0.0, neginf=0.0)
+        l2, peak = float(np.sqrt(np.dot(delta, delta))), float(np.abs(delta).max())
     return (float(f"{l2:.6g}"), float(f"{peak:.6g}"), changed)
 
 
