@@ -61,18 +61,21 @@ def export_snapshot(store: "Store", ref: str | bytes, outdir: Path, progress: "P
         dest.parent.mkdir(parents=True, exist_ok=True)
         partial = dest.with_name(dest.name + PARTIAL_SUFFIX)
         digest, size = hashlib.sha256(), 0
-        with open(partial, "wb") as out:
-            for _ in blocks:
-                raw = next(stream)
-                out.write(raw)
-                digest.update(raw)
-                size += len(raw)
-                if progress:
-                    progress(len(raw))
-        if size != entry.size or digest.hexdigest() != entry.sha256:
-            partial.unlink()
-            raise CorruptionError(f"{entry.path}: rebuilt file does not match its recorded size and sha256 "
-                                  f"(run `mpstore fsck`)")
+        try:
+            with open(partial, "wb") as out:
+                for _ in blocks:
+                    raw = next(stream)
+                    out.write(raw)
+                    digest.update(raw)
+                    size += len(raw)
+                    if progress:
+                        progress(len(raw))
+            if size != entry.size or digest.hexdigest() != entry.sha256:
+                raise CorruptionError(f"{entry.path}: rebuilt file does not match its recorded size and sha256 "
+                                      f"(run `mpstore fsck`)")
+        except BaseException:
+            partial.unlink(missing_ok=True)  # never leave a file that could pass for complete
+            raise
         os.replace(partial, dest)
         written += size
     return ExportResult(sid, len(plan), written, time.monotonic() - started)

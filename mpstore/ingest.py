@@ -270,9 +270,11 @@ def ingest_folder(store: "Store", folder: Path, name: str | None = None, base: s
 
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
+    buffer = bytearray(8 << 20)  # one reused buffer: a fresh 8 MiB allocation per read cost 15%
+    view = memoryview(buffer)
     with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
+        while n := f.readinto(buffer):
+            h.update(view[:n])
     return h.hexdigest()
 
 
