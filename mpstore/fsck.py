@@ -91,10 +91,16 @@ def _check_block(store: "Store", block: bytes) -> tuple[int, str | None]:
 
 def fsck(store: "Store", progress: "Progress | None" = None) -> FsckReport:
     report = FsckReport()
-    _check_log(store, report)
+    # The log, refs, pins and snapshot list are read under the commit lock so that a writer
+    # committing meanwhile cannot make a consistent store look damaged; block checks run unlocked
+    # (committed blocks never change).
+    with store.commit_lock.held():
+        _check_log(store, report)
+        snapshot_ids = store.index.snapshot_ids()
+        refs, pins = store.refs(), store.pins()
     _check_packs(store, report)
     manifests: dict[bytes, Manifest] = {}
-    for sid in store.index.snapshot_ids():
+    for sid in snapshot_ids:
         report.snapshots += 1
         data = store.index.manifest_bytes(sid)
         if data is None or snapshot_id(data) != sid:
@@ -104,10 +110,10 @@ def fsck(store: "Store", progress: "Progress | None" = None) -> FsckReport:
             manifests[sid] = Manifest.decode(data)
         except CorruptionError as exc:
             report.problems.append(f"snapshot {sid.hex()[:12]}: {exc}")
-    for name, sid in store.refs().items():
+    for name, sid in refs.items():
         if sid not in manifests:
             report.problems.append(f"ref {name!r} points to missing snapshot {sid.hex()[:12]}")
-    for sid in store.pins():
+    for sid in pins:
         if sid not in manifests:
             report.problems.append(f"pin {sid.hex()[:12]} names a missing snapshot")
 
@@ -126,7 +132,7 @@ def fsck(store: "Store", progress: "Progress | None" = None) -> FsckReport:
             if progress:
                 progress(nbytes)
     if damaged:
-        names = {sid: sorted(n for n, s in store.refs().items() if s == sid) for sid in manifests}
+        names = {sid: sorted(n for n, s in refs.items() if s == sid) for sid in manifests}
         for block, problem in damaged.items():
             owners = []
             for sid, manifest in manifests.items():

@@ -39,6 +39,7 @@ def _acquire_env(path: Path) -> tuple[lmdb.Environment, dict]:
                 env = lmdb.open(key, max_dbs=len(_DB_NAMES) + 1, map_size=1 << 40, subdir=True,
                                 readahead=False, max_readers=256)
                 dbs = {name: env.open_db(name.encode()) for name in _DB_NAMES}
+                env.reader_check()  # free reader slots left by processes that were killed
             except lmdb.Error as exc:
                 raise MpstoreError(f"{path}: cannot open index: {exc}") from None
             entry = _shared[key] = [env, dbs, 0]

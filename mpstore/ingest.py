@@ -33,7 +33,10 @@ from .snapshot import DeltaStats, FileEntry, Manifest, Segment, TensorEntry
 if TYPE_CHECKING:
     from .store import Progress, Store
 
-SYNC_BYTES = 256 << 20  # publish durable blocks to the index at least this often
+# Publish durable blocks to the index after this many bytes or seconds, whichever comes first: a
+# killed ingest loses at most that much work, at the price of one fsync per batch.
+SYNC_BYTES = 64 << 20
+SYNC_SECONDS = 1.0
 AUTO_BASE_MIN_OVERLAP = 0.9  # a base candidate must share names and shapes for 90% of the elements
 AUTO_BASE_SAMPLE_BLOCKS = 8
 
@@ -104,6 +107,7 @@ class _BlockSink:
         self.unpublished: dict[bytes, BlockLocation] = {}
         self.written: dict[bytes, BlockLocation] = {}
         self.since_sync = 0
+        self.last_sync = time.monotonic()
 
     def known(self, block: bytes) -> bool:
         return block in self.written or self.store.index.get_block(block) is not None
@@ -119,7 +123,7 @@ class _BlockSink:
         self.result.written_bytes += loc.record_len
         self.result.codecs[codec.name.lower()] = self.result.codecs.get(codec.name.lower(), 0) + 1
         self.since_sync += loc.record_len
-        if self.since_sync >= SYNC_BYTES:
+        if self.since_sync >= SYNC_BYTES or time.monotonic() - self.last_sync >= SYNC_SECONDS:
             self.publish()
 
     def publish(self) -> None:
@@ -129,6 +133,7 @@ class _BlockSink:
             self.store.index.put_blocks(self.unpublished, self.writer.number, end)
             self.unpublished = {}
         self.since_sync = 0
+        self.last_sync = time.monotonic()
 
     def close(self) -> None:
         self.publish()

@@ -13,7 +13,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
@@ -24,7 +27,7 @@ from .errors import (AmbiguousRefError, ConflictError, CorruptionError, FormatVe
                      InvalidInputError, MpstoreError, NotFoundError)
 from .index import Index
 from .manifest_log import LOG_HEADER, Commit, ManifestLog
-from .pack import BlockLocation, PackReader, PackWriter
+from .pack import RECORD_HEADER_SIZE, BlockLocation, PackReader, PackWriter, pack_numbers, pack_path, scan_pack
 from .snapshot import Manifest, TensorEntry
 
 if TYPE_CHECKING:
@@ -68,7 +71,7 @@ class Store:
         self.index = Index(path / "index")
         self.log = ManifestLog(path / "manifest.log")
         self.packs = PackReader(path / "packs")
-        self._lock = FileLock(path / "lock")
+        self.commit_lock = FileLock(path / "lock")  # serializes commits (FORMAT.md section 8)
         self._manifest_cache: dict[bytes, Manifest] = {}
 
     # -- opening --------------------------------------------------------------------------------
@@ -84,16 +87,21 @@ class Store:
             raise ConflictError(f"{path}: a store already exists here")
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise InvalidInputError(f"{path}: not an empty folder")
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "packs").mkdir()
-        ManifestLog.create(path / "manifest.log")
-        Index(path / "index").close()
+        # Built in a sibling folder and renamed into place, so a crashed init leaves `path` as it was
+        # (an orphaned `.NAME.init-PID` folder at worst) and can simply be run again.
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.parent / f".{path.name}.init-{os.getpid()}"
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir()
+        (staging / "packs").mkdir()
+        ManifestLog.create(staging / "manifest.log")
+        Index(staging / "index").close()
         settings = {"format": STORE_FORMAT, "version": STORE_VERSION, "block_bytes": block_bytes,
                     "zstd_level": zstd_level}
-        # The descriptor is written last: a folder without it is not a store, so a crashed init
-        # leaves nothing that looks half made.
-        write_atomic(path / "mpstore.json", json.dumps(settings, indent=2).encode() + b"\n")
-        fsync_dir(path)
+        write_atomic(staging / "mpstore.json", json.dumps(settings, indent=2).encode() + b"\n")
+        os.replace(staging, path)  # replaces an empty folder atomically
+        fsync_dir(path.parent)
         return cls.open(path)
 
     @classmethod
@@ -115,7 +123,7 @@ class Store:
         store = cls(path, settings)
         store.log.check_header()
         if store.log.size() > max(store.index.high_water(), LOG_HEADER.size):
-            with store._lock.held():
+            with store.commit_lock.held():
                 store._catch_up_locked()
         return store
 
@@ -149,7 +157,7 @@ class Store:
         `expect` maps ref names to the snapshot id each must hold now (None: must not exist); the
         check and the write happen under the store lock, so concurrent writers cannot lose updates.
         """
-        with self._lock.held():
+        with self.commit_lock.held():
             self._catch_up_locked()
             for name, old in (expect or {}).items():
                 now = self.index.ref(name)
@@ -168,9 +176,7 @@ class Store:
 
         Returns the number of blocks indexed. Holds the commit lock; no writer may run meanwhile.
         """
-        from .pack import RECORD_HEADER_SIZE, pack_numbers, pack_path, scan_pack
-
-        with self._lock.held():
+        with self.commit_lock.held():
             self.index.clear()
             count = 0
             folder = self.path / "packs"
@@ -298,9 +304,6 @@ class Store:
 
     def read_blocks(self, blocks: Iterable[bytes], threads: int | None = None) -> Iterator[bytes]:
         """Raw bytes of `blocks` in order, decoded by a small thread pool with bounded read-ahead."""
-        from concurrent.futures import ThreadPoolExecutor
-        from collections import deque
-
         workers = threads or max(2, os.cpu_count() or 2)
         with ThreadPoolExecutor(workers) as pool:
             pending: deque = deque()

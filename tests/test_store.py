@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -217,3 +218,14 @@ def test_every_safetensors_dtype_round_trips(store, tmp_path):
     got = dict(store.tensors("dtypes"))
     for name, value in tensors.items():
         assert got[name].dtype == value.dtype and torch.equal(got[name], value), name
+
+
+def test_init_builds_aside_so_a_crashed_init_leaves_nothing_behind(tmp_path):
+    target = tmp_path / "fresh"
+    stale = tmp_path / f".fresh.init-{os.getpid()}"  # what a killed init of this process id would leave
+    stale.mkdir()
+    (stale / "junk").write_text("half made")
+    store = Store.init(target)
+    assert (target / "mpstore.json").exists() and not stale.exists()
+    assert sorted(p.name for p in target.iterdir()) == ["index", "manifest.log", "mpstore.json", "packs"]
+    store.close()
