@@ -20,6 +20,12 @@ def suite(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def small_suite(tmp_path_factory) -> dict[str, Path]:
+    """base + 1 LoRA + 1 partial + 1 full expert of the small preset (~10 MB each)."""
+    return make_suite(tmp_path_factory.mktemp("small"), preset="small", n_lora=1, n_partial=1, n_full=1)
+
+
+@pytest.fixture(scope="session")
 def sharded_suite(tmp_path_factory) -> dict[str, Path]:
     return make_suite(tmp_path_factory.mktemp("sharded"), preset="tiny", n_lora=0, n_partial=0, n_full=1,
                       shard_bytes=200_000)

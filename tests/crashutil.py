@@ -6,7 +6,6 @@ SIGKILLs delivered to it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -15,8 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench.modelgen import make_suite
 from mpstore import Store
+from tests.conftest import folder_digest as digests
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = "4KiB"  # small blocks: a small-preset model spans ~2600 of them, so there are many kill points
@@ -82,18 +81,6 @@ def kill9(proc: subprocess.Popen) -> None:
     proc.communicate(timeout=60)
 
 
-def small_suite(tmp_path_factory) -> dict[str, Path]:
-    """base + lora-0 + partial-0 + full-0 of the small preset (~10 MB each), built once per session."""
-    root = tmp_path_factory.getbasetemp() / "crashutil-small-suite"
-    return make_suite(root, preset="small", n_lora=1, n_partial=1, n_full=1, seed=0)
-
-
-def digests(folder: Path) -> dict[str, str]:
-    """relative path -> sha256 of every file under folder."""
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
-
-
 def export_digests(store: Store, ref: str | bytes, out: Path) -> dict[str, str]:
     store.export(ref, out)
     return digests(out)
@@ -120,7 +107,3 @@ def pack_bytes(store_path: Path) -> int:
     return sum(p.stat().st_size for p in (store_path / "packs").iterdir())
 
 
-def tiny_suite(tmp_path_factory) -> dict[str, Path]:
-    """base + lora-0 + partial-0 + full-0 of the tiny preset (~0.5 MB each), built once per session."""
-    root = tmp_path_factory.getbasetemp() / "crashutil-tiny-suite"
-    return make_suite(root, preset="tiny", n_lora=1, n_partial=1, n_full=1, seed=0)

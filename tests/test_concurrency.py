@@ -21,16 +21,6 @@ from mpstore import Store
 from . import crashutil as cu
 
 
-@pytest.fixture(scope="module")
-def small(tmp_path_factory) -> dict[str, Path]:
-    return cu.small_suite(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict[str, Path]:
-    return cu.tiny_suite(tmp_path_factory)
-
-
 def _together(store: Path, *commands: tuple[str, ...]) -> list[dict]:
     """Start every command at once, wait for all; each must exit 0. Returns their --json outputs."""
     procs = [cu.start(store, *cmd, "--json") for cmd in commands]
@@ -47,28 +37,28 @@ def _assert_exports(store: Path, expected: dict[str, Path], scratch: Path) -> No
             assert cu.export_digests(s, ref, out) == cu.digests(src), ref
 
 
-def test_two_ingests_of_different_models_at_once(small, tmp_path):
+def test_two_ingests_of_different_models_at_once(small_suite, tmp_path):
     store = tmp_path / "store"
     cu.run_ok(store, "init", "--block-size", cu.BLOCK)
-    a, b = _together(store, ("ingest", small["base"], "--name", "models/a"),
-                     ("ingest", small["full-0"], "--name", "models/b"))
+    a, b = _together(store, ("ingest", small_suite["base"], "--name", "models/a"),
+                     ("ingest", small_suite["full-0"], "--name", "models/b"))
     assert a["blocks_new"] > 1000 and b["blocks_new"] > 1000
     with Store.open(store) as s:
         assert s.refs() == {"models/a": bytes.fromhex(a["id"]), "models/b": bytes.fromhex(b["id"])}
         assert len(s.index.snapshot_ids()) == 2
-    _assert_exports(store, {"models/a": small["base"], "models/b": small["full-0"]}, tmp_path / "out")
+    _assert_exports(store, {"models/a": small_suite["base"], "models/b": small_suite["full-0"]}, tmp_path / "out")
     assert cu.run(store, "fsck").returncode == 0
 
 
-def test_concurrent_ingests_sharing_blocks_dedup_and_match_a_sequential_store(small, tmp_path):
+def test_concurrent_ingests_sharing_blocks_dedup_and_match_a_sequential_store(small_suite, tmp_path):
     store = tmp_path / "store"
     cu.run_ok(store, "init", "--block-size", cu.BLOCK)
-    cu.run_json(store, "ingest", small["base"], "--name", "base")
+    cu.run_json(store, "ingest", small_suite["base"], "--name", "base")
     sequential = tmp_path / "sequential"
     shutil.copytree(store, sequential)
 
     # Two experts of one base at once: most of their blocks are the base's.
-    experts = {"e/lora": small["lora-0"], "e/partial": small["partial-0"]}
+    experts = {"e/lora": small_suite["lora-0"], "e/partial": small_suite["partial-0"]}
     commands = [("ingest", src, "--name", name, "--base", "base") for name, src in experts.items()]
     together = _together(store, *commands)
     alone = [cu.run_json(sequential, *cmd) for cmd in commands]
@@ -78,8 +68,8 @@ def test_concurrent_ingests_sharing_blocks_dedup_and_match_a_sequential_store(sm
         assert t["blocks_new"] == a["blocks_new"]
 
     # The same model twice at once: both race to store the very same blocks.
-    f1, f2 = _together(store, ("ingest", small["full-0"], "--name", "f1"),
-                       ("ingest", small["full-0"], "--name", "f2"))
+    f1, f2 = _together(store, ("ingest", small_suite["full-0"], "--name", "f1"),
+                       ("ingest", small_suite["full-0"], "--name", "f2"))
     assert f1["id"] == f2["id"]
     with Store.open(store) as s:
         refs = s.refs()
@@ -91,21 +81,21 @@ def test_concurrent_ingests_sharing_blocks_dedup_and_match_a_sequential_store(sm
         assert every <= indexed
         assert indexed == every, "an indexed block belongs to no snapshot"
     # Dedup still works: a third copy stores nothing new.
-    again = cu.run_json(store, "ingest", small["full-0"], "--name", "f3")
+    again = cu.run_json(store, "ingest", small_suite["full-0"], "--name", "f3")
     assert again["id"] == f1["id"]
     assert again["blocks_new"] == 0 and again["written_bytes"] == 0
     assert again["blocks_dedup"] == again["blocks"]
-    _assert_exports(store, {**experts, "f1": small["full-0"], "f2": small["full-0"], "base": small["base"]},
+    _assert_exports(store, {**experts, "f1": small_suite["full-0"], "f2": small_suite["full-0"], "base": small_suite["base"]},
                     tmp_path / "out")
     assert cu.run(store, "fsck").returncode == 0
 
 
-def test_readers_see_only_committed_snapshots_while_a_writer_ingests(small, tiny, tmp_path):
+def test_readers_see_only_committed_snapshots_while_a_writer_ingests(small_suite, suite, tmp_path):
     store = tmp_path / "store"
     with Store.init(store, block_bytes=cu.BLOCK_BYTES) as s:
-        committed = s.ingest(tiny["base"], name="committed").id
-    want = cu.digests(tiny["base"])
-    plan = [("w1", small["base"], None), ("w2", small["full-0"], "w1"), ("w3", small["partial-0"], "w1")]
+        committed = s.ingest(suite["base"], name="committed").id
+    want = cu.digests(suite["base"])
+    plan = [("w1", small_suite["base"], None), ("w2", small_suite["full-0"], "w1"), ("w3", small_suite["partial-0"], "w1")]
     writer_done = threading.Event()
     writer_errors: list[str] = []
 
@@ -151,20 +141,20 @@ def test_readers_see_only_committed_snapshots_while_a_writer_ingests(small, tiny
     assert any(len(n) < 3 for n in seen), "no read happened before the last commit"
     ls = json.loads(cu.run_ok(store, "ls", "--json").stdout)
     assert sorted(r for row in ls for r in row["refs"]) == ["committed", "w1", "w2", "w3"]
-    _assert_exports(store, {"w1": small["base"], "w2": small["full-0"], "w3": small["partial-0"]},
+    _assert_exports(store, {"w1": small_suite["base"], "w2": small_suite["full-0"], "w3": small_suite["partial-0"]},
                     tmp_path / "out")
 
 
-def test_a_killed_ingest_does_not_harm_a_concurrent_one(small, tmp_path):
+def test_a_killed_ingest_does_not_harm_a_concurrent_one(small_suite, tmp_path):
     store = tmp_path / "store"
     cu.run_ok(store, "init", "--block-size", cu.BLOCK)
-    cu.run_ok(store, "ingest", small["base"], "--name", "base")
+    cu.run_ok(store, "ingest", small_suite["base"], "--name", "base")
     rng = random.Random(77)
     duration = 1.0
-    survivors = [small["partial-0"], small["lora-0"], small["partial-0"]]
+    survivors = [small_suite["partial-0"], small_suite["lora-0"], small_suite["partial-0"]]
     for i, src in enumerate(survivors):
         survivor = cu.start(store, "ingest", src, "--name", f"p{i}", "--base", "base", "--json")
-        victim = cu.start(store, "ingest", small["full-0"], "--name", "victim", "--base", "base",
+        victim = cu.start(store, "ingest", small_suite["full-0"], "--name", "victim", "--base", "base",
                           sync_bytes=64 << 10)
         t0 = time.monotonic()
         time.sleep(rng.uniform(0, duration))
@@ -177,9 +167,9 @@ def test_a_killed_ingest_does_not_harm_a_concurrent_one(small, tmp_path):
             if "victim" in s.refs():  # killed after its commit
                 s.delete_ref("victim")
             assert s.fsck().ok
-    final = cu.run_json(store, "ingest", small["full-0"], "--name", "victim", "--base", "base")
+    final = cu.run_json(store, "ingest", small_suite["full-0"], "--name", "victim", "--base", "base")
     assert final["blocks"] > 1000
-    _assert_exports(store, {"p0": small["partial-0"], "p1": small["lora-0"], "victim": small["full-0"]},
+    _assert_exports(store, {"p0": small_suite["partial-0"], "p1": small_suite["lora-0"], "victim": small_suite["full-0"]},
                     tmp_path / "out")
     assert cu.run(store, "fsck").returncode == 0
 
@@ -205,11 +195,11 @@ print(json.dumps(out))
 """
 
 
-def test_compare_and_swap_refs_one_racer_wins(tiny, tmp_path):
+def test_compare_and_swap_refs_one_racer_wins(suite, tmp_path):
     path = tmp_path / "store"
     with Store.init(path, block_bytes=cu.BLOCK_BYTES) as s:
-        targets = {"base": s.ingest(tiny["base"], name="base").id,
-                   "lora": s.ingest(tiny["lora-0"], name="lora", base="base").id}
+        targets = {"base": s.ingest(suite["base"], name="base").id,
+                   "lora": s.ingest(suite["lora-0"], name="lora", base="base").id}
     count = 40
     start_at = time.time() + 1.0  # both have imported and opened the store by then
     procs = {t: subprocess.Popen([sys.executable, "-c", _CAS_RACER, str(path), t, str(start_at), str(count)],
@@ -249,7 +239,7 @@ while True:
 """
 
 
-def test_fsck_beside_a_committing_writer_reports_no_damage(tiny, tmp_path):
+def test_fsck_beside_a_committing_writer_reports_no_damage(suite, tmp_path):
     """fsck is a reader: commits made by another process while it runs are not damage.
 
     fsck reads the store in many separate steps without the store lock or one read transaction:
@@ -260,7 +250,7 @@ def test_fsck_beside_a_committing_writer_reports_no_damage(tiny, tmp_path):
     """
     path = tmp_path / "store"
     with Store.init(path, block_bytes=cu.BLOCK_BYTES) as s:
-        s.ingest(tiny["base"], name="a")
+        s.ingest(suite["base"], name="a")
     writer = subprocess.Popen([sys.executable, "-c", _COMMIT_LOOP, str(path)], env=cu.env(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     problems: list[list[str]] = []

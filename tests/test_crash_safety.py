@@ -28,16 +28,6 @@ KILL_ROUNDS = int(os.environ.get("MPSTORE_CRASH_ROUNDS", 10))
 SEED = int(os.environ.get("MPSTORE_CRASH_SEED", 20240917))
 
 
-@pytest.fixture(scope="module")
-def small(tmp_path_factory) -> dict[str, Path]:
-    return cu.small_suite(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict[str, Path]:
-    return cu.tiny_suite(tmp_path_factory)
-
-
 def _check_store(path: Path, expected: dict[str, tuple[bytes, Path]], allowed_extra_refs: set[str],
                  extra_snapshots: set[bytes], scratch: Path) -> dict[str, bytes]:
     """Open the store and check everything a crash must never break; returns its refs."""
@@ -57,14 +47,14 @@ def _check_store(path: Path, expected: dict[str, tuple[bytes, Path]], allowed_ex
     return refs
 
 
-def test_kill9_during_ingest_never_damages_the_store_and_the_rerun_reuses_blocks(small, tmp_path):
+def test_kill9_during_ingest_never_damages_the_store_and_the_rerun_reuses_blocks(small_suite, tmp_path):
     store = tmp_path / "store"
     cu.run_ok(store, "init", "--block-size", cu.BLOCK)
-    base = cu.run_json(store, "ingest", small["base"], "--name", "base")
-    lora = cu.run_json(store, "ingest", small["lora-0"], "--name", "lora", "--base", "base")
-    expected = {"base": (bytes.fromhex(base["id"]), small["base"]),
-                "lora": (bytes.fromhex(lora["id"]), small["lora-0"])}
-    victim = small["full-0"]  # every block differs from the base: ~2600 XOR-coded records to write
+    base = cu.run_json(store, "ingest", small_suite["base"], "--name", "base")
+    lora = cu.run_json(store, "ingest", small_suite["lora-0"], "--name", "lora", "--base", "base")
+    expected = {"base": (bytes.fromhex(base["id"]), small_suite["base"]),
+                "lora": (bytes.fromhex(lora["id"]), small_suite["lora-0"])}
+    victim = small_suite["full-0"]  # every block differs from the base: ~2600 XOR-coded records to write
     ingest_args = ("ingest", victim, "--name", "X", "--base", "base", "--json")
 
     # An uninterrupted run into a copy of the store: its duration bounds the kill delays, and its
@@ -134,11 +124,11 @@ while True:
 """
 
 
-def test_kill9_during_commit_loop_keeps_every_commit_atomic(tiny, tmp_path):
+def test_kill9_during_commit_loop_keeps_every_commit_atomic(suite, tmp_path):
     path = tmp_path / "store"
     with Store.init(path, block_bytes=cu.BLOCK_BYTES) as s:
-        sid = s.ingest(tiny["base"], name="a").id
-        other = s.ingest(tiny["lora-0"], name="other", base="a").id
+        sid = s.ingest(suite["base"], name="a").id
+        other = s.ingest(suite["lora-0"], name="other", base="a").id
     rng = random.Random(SEED + 1)
     log_sizes = []
     for _ in range(6):
@@ -173,11 +163,11 @@ def _last_record(path: Path) -> bytes:
 
 
 @pytest.mark.parametrize("tail", ["garbage", "torn-record", "huge-length-header", "bad-checksum"])
-def test_torn_log_tail_is_cut_on_open(tiny, tmp_path, tail):
+def test_torn_log_tail_is_cut_on_open(suite, tmp_path, tail):
     path = tmp_path / "store"
     with Store.init(path, block_bytes=cu.BLOCK_BYTES) as s:
-        base = s.ingest(tiny["base"], name="base").id
-        lora = s.ingest(tiny["lora-0"], name="lora", base="base").id
+        base = s.ingest(suite["base"], name="base").id
+        lora = s.ingest(suite["lora-0"], name="lora", base="base").id
     log = path / "manifest.log"
     good_size = log.stat().st_size
     record = _last_record(path)
@@ -196,7 +186,7 @@ def test_torn_log_tail_is_cut_on_open(tiny, tmp_path, tail):
         assert set(s.index.snapshot_ids()) == {base, lora}
         report = s.fsck()
         assert report.ok, report.problems
-        for name, src in (("base", tiny["base"]), ("lora", tiny["lora-0"])):
+        for name, src in (("base", suite["base"]), ("lora", suite["lora-0"])):
             assert cu.export_digests(s, name, tmp_path / f"out-{name}") == cu.digests(src)
         s.set_ref("after-cut", "lora")  # the log takes appends again after the cut
     res = cu.run_ok(path, "fsck")
@@ -210,11 +200,11 @@ def test_torn_log_tail_is_cut_on_open(tiny, tmp_path, tail):
 
 
 @pytest.fixture(scope="module")
-def damaged_setup(tiny, tmp_path_factory):
+def damaged_setup(suite, tmp_path_factory):
     path = tmp_path_factory.mktemp("damage") / "store"
     with Store.init(path, block_bytes=cu.BLOCK_BYTES) as s:
-        s.ingest(tiny["base"], name="base")
-        s.ingest(tiny["lora-0"], name="experts/lora", base="base")
+        s.ingest(suite["base"], name="base")
+        s.ingest(suite["lora-0"], name="experts/lora", base="base")
         base_blocks = s.manifest("base").all_blocks()
         # A block only the expert uses: an XOR delta of a LoRA-changed projection.
         target = None
@@ -257,7 +247,7 @@ def _flipped_bit(store: Path, loc, where: str):
 
 
 @pytest.mark.parametrize("where", list(_WHERE))
-def test_flipped_pack_byte_is_found_by_fsck_and_fails_export(damaged_setup, tiny, tmp_path, where):
+def test_flipped_pack_byte_is_found_by_fsck_and_fails_export(damaged_setup, suite, tmp_path, where):
     path, (tensor, block, loc) = damaged_setup
     with _flipped_bit(path, loc, where):
         res = cu.run(path, "fsck")
@@ -276,13 +266,13 @@ def test_flipped_pack_byte_is_found_by_fsck_and_fails_export(damaged_setup, tiny
         assert len(err) == 1 and err[0].startswith("mpstore: error:"), res.stderr
         left = cu.digests(out) if out.exists() else {}
         assert "model.safetensors" not in left, "a damaged export left a complete-looking weight file"
-        src = cu.digests(tiny["lora-0"])
+        src = cu.digests(suite["lora-0"])
         for rel, digest in left.items():  # anything under its final name must be right
             assert rel.endswith(".mpstore-partial") or src.get(rel) == digest, rel
 
         out = tmp_path / "base-out"
         cu.run_ok(path, "export", "base", out)
-        assert cu.digests(out) == cu.digests(tiny["base"])
+        assert cu.digests(out) == cu.digests(suite["base"])
     assert cu.run(path, "fsck").returncode == 0
 
 
@@ -298,12 +288,12 @@ def test_export_that_hits_a_damaged_block_removes_its_partial_file(damaged_setup
     assert partials == [], f"failed export left {partials}"
 
 
-def test_kill9_during_export_leaves_no_wrong_file_under_a_final_name(small, tmp_path):
+def test_kill9_during_export_leaves_no_wrong_file_under_a_final_name(small_suite, tmp_path):
     store = tmp_path / "store"
     cu.run_ok(store, "init", "--block-size", cu.BLOCK)
-    cu.run_ok(store, "ingest", small["base"], "--name", "base")
-    cu.run_ok(store, "ingest", small["full-0"], "--name", "full", "--base", "base")
-    want = cu.digests(small["full-0"])
+    cu.run_ok(store, "ingest", small_suite["base"], "--name", "base")
+    cu.run_ok(store, "ingest", small_suite["full-0"], "--name", "full", "--base", "base")
+    want = cu.digests(small_suite["full-0"])
     t0 = time.monotonic()
     cu.run_ok(store, "export", "full", tmp_path / "timed")
     duration = time.monotonic() - t0
