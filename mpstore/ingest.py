@@ -17,26 +17,21 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .codecs import Codec, encode
 from .dtypes import DType
 from .errors import ConflictError, InvalidInputError
 from .hf_folder import ModelFolder, scan_model_folder
-from .ids import ZERO_BLOCK_ID, block_id
+from .ids import block_id
 from .manifest_log import Commit
-from .pack import BlockLocation, PackWriter
-from .snapshot import DeltaStats, FileEntry, Manifest, Segment, TensorEntry
+from .snapshot import FileEntry, Manifest, Segment, TensorEntry
+from .writer import BlockSink, process_block, split_blocks, store_literal
 
 if TYPE_CHECKING:
     from .store import Progress, Store
 
-# Publish durable blocks to the index after this many bytes or seconds, whichever comes first: a
-# killed ingest loses at most that much work, at the price of one fsync per batch.
-SYNC_BYTES = 64 << 20
-SYNC_SECONDS = 1.0
 AUTO_BASE_MIN_OVERLAP = 0.9  # a base candidate must share names and shapes for 90% of the elements
 AUTO_BASE_SAMPLE_BLOCKS = 8
 
@@ -66,79 +61,6 @@ class _Source:
     shape: tuple[int, ...]
     data: memoryview
     base_blocks: tuple[bytes, ...] | None = None
-
-
-def _delta_stats(dtype: DType, raw: memoryview, base_raw: bytes) -> DeltaStats:
-    """(L2 norm, max |delta|, changed elements) of raw - base_raw, from the numbers (numpy, no torch).
-
-    Non-finite deltas (inf or NaN weights) count as changed elements but add nothing to the norms.
-    """
-    from .dtypes import as_float32
-
-    lane = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[dtype.group_width]
-    changed = int(np.count_nonzero(np.frombuffer(raw, lane) != np.frombuffer(base_raw, lane)))
-    if not changed:
-        return (0.0, 0.0, 0)
-    delta = as_float32(dtype, raw)
-    if not delta.flags.writeable:  # a view of the input (C64): subtract into a copy
-        delta = delta.copy()
-    np.subtract(delta, as_float32(dtype, base_raw), out=delta)
-    l2 = float(np.sqrt(np.dot(delta, delta)))
-    peak = float(np.abs(delta, out=delta).max())
-    if not (np.isfinite(l2) and np.isfinite(peak)):
-        delta = np.nan_to_num(as_float32(dtype, raw) - as_float32(dtype, base_raw), nan=0.0, posinf=0.0, neginf=0.0)
-        l2, peak = float(np.sqrt(np.dot(delta, delta))), float(np.abs(delta).max())
-    return (float(f"{l2:.6g}"), float(f"{peak:.6g}"), changed)
-
-
-def _split(data: memoryview, dtype: DType, block_bytes: int) -> list[memoryview]:
-    """Tensor-aligned blocks: block i covers elements [i*E, (i+1)*E) (see DType.block_elements)."""
-    step = dtype.nbytes(dtype.block_elements(block_bytes))
-    return [data[i:i + step] for i in range(0, len(data), step)]
-
-
-class _BlockSink:
-    """Appends new blocks to packs in order, dedups, and publishes durable batches to the index."""
-
-    def __init__(self, store: "Store", result: IngestResult):
-        self.store = store
-        self.result = result
-        self.writer: PackWriter | None = None
-        self.unpublished: dict[bytes, BlockLocation] = {}
-        self.written: dict[bytes, BlockLocation] = {}
-        self.since_sync = 0
-        self.last_sync = time.monotonic()
-
-    def known(self, block: bytes) -> bool:
-        return block in self.written or self.store.index.get_block(block) is not None
-
-    def add(self, block: bytes, codec: Codec, width: int, raw_len: int, payload: bytes, ref: bytes) -> None:
-        if self.writer is None or self.writer.full:
-            self.publish()
-            if self.writer is not None:
-                self.writer.close()
-            self.writer = self.store.pack_writer()
-        loc = self.writer.append(block, codec, width, raw_len, payload, ref)
-        self.written[block] = self.unpublished[block] = loc
-        self.result.written_bytes += loc.record_len
-        self.result.codecs[codec.name.lower()] = self.result.codecs.get(codec.name.lower(), 0) + 1
-        self.since_sync += loc.record_len
-        if self.since_sync >= SYNC_BYTES or time.monotonic() - self.last_sync >= SYNC_SECONDS:
-            self.publish()
-
-    def publish(self) -> None:
-        """fsync the pack, then let the index point at its records (never the other way round)."""
-        if self.writer is not None and self.unpublished:
-            end = self.writer.sync()
-            self.store.index.put_blocks(self.unpublished, self.writer.number, end)
-            self.unpublished = {}
-        self.since_sync = 0
-        self.last_sync = time.monotonic()
-
-    def close(self) -> None:
-        self.publish()
-        if self.writer is not None:
-            self.writer.close()
 
 
 def _open_sources(model: ModelFolder) -> list[_Source]:
@@ -205,7 +127,7 @@ def _choose_base(store: "Store", sources: list[_Source], ids: dict[str, list[byt
         step = max(1, len(differing) // AUTO_BASE_SAMPLE_BLOCKS)
         bits = 0
         for src, i, theirs in differing[::step][:AUTO_BASE_SAMPLE_BLOCKS]:
-            mine = _split(src.data, src.dtype, store.block_bytes)[i]
+            mine = split_blocks(src.data, src.dtype, store.block_bytes)[i]
             x = np.bitwise_xor(np.frombuffer(mine, np.uint8), np.frombuffer(store.read_block(theirs), np.uint8))
             bits += int(np.bitwise_count(x).sum())
         return bits
@@ -221,7 +143,7 @@ def _resolve_base(store: "Store", base: str | None, sources: list[_Source], pool
         return store.resolve(base), None
     ids: dict[str, list[bytes]] = {}
     for src in sources:  # a first, hashing-only pass: the base is chosen on block identity
-        ids[src.name] = list(pool.map(block_id, _split(src.data, src.dtype, store.block_bytes)))
+        ids[src.name] = list(pool.map(block_id, split_blocks(src.data, src.dtype, store.block_bytes)))
     return _choose_base(store, sources, ids), ids
 
 
@@ -248,7 +170,7 @@ def ingest_folder(store: "Store", folder: Path, name: str | None = None, base: s
         base_id, known_ids = _resolve_base(store, base, sources, pool, progress)
         base_manifest = store.manifest(base_id) if base_id else None
         _align_with_base(sources, base_manifest, store.block_bytes)
-        sink = _BlockSink(store, result)
+        sink = BlockSink(store)
         try:
             file_hashes = {rel: pool.submit(_sha256_file, model.root / rel)
                            for rel in [wf.relpath for wf in model.weight_files]}
@@ -256,6 +178,7 @@ def ingest_folder(store: "Store", folder: Path, name: str | None = None, base: s
             files = _ingest_files(store, model, sink, file_hashes, progress)
         finally:
             sink.close()
+        result.written_bytes, result.codecs = sink.written_bytes, dict(sink.codecs)
     manifest = Manifest(
         block_bytes=store.block_bytes,
         tensors=tuple(tensors),
@@ -281,27 +204,6 @@ def _sha256_file(path: Path) -> str:
         while n := f.readinto(buffer):
             h.update(view[:n])
     return h.hexdigest()
-
-
-def _process_block(store: "Store", dtype: DType, raw: memoryview, known_id: bytes | None,
-                   base_block: bytes | None, sink: _BlockSink):
-    """Worker: hash, compare with the base, compute delta statistics and encode if new."""
-    bid = known_id or block_id(raw)
-    if base_block is not None and bid == base_block:
-        return bid, (0.0, 0.0, 0), None
-    stats, ref_raw, ref_id = None, None, ZERO_BLOCK_ID
-    if base_block is not None:
-        base_loc = store.location(base_block)
-        ref_raw = store.read_block(base_block, base_loc)
-        stats = _delta_stats(dtype, raw, ref_raw)
-        if base_loc.codec == Codec.XOR_GROUPED_ZSTD:
-            ref_raw = None  # delta chains stay one level deep
-        else:
-            ref_id = base_block
-    if sink.known(bid):
-        return bid, stats, None
-    codec, payload = encode(raw, dtype.group_width, store.zstd_level, ref_raw)
-    return bid, stats, (codec, payload, ref_id if codec == Codec.XOR_GROUPED_ZSTD else ZERO_BLOCK_ID)
 
 
 def _ingest_tensors(store, sources, known_ids, sink, pool, workers, result, progress) -> list[TensorEntry]:
@@ -331,13 +233,13 @@ def _ingest_tensors(store, sources, known_ids, sink, pool, workers, result, prog
             progress(raw_len)
 
     for src in sources:
-        chunks = _split(src.data, src.dtype, store.block_bytes)
+        chunks = split_blocks(src.data, src.dtype, store.block_bytes)
         entries[src.name] = {"blocks": [None] * len(chunks),
                              "delta": [None] * len(chunks) if src.base_blocks is not None else None}
         ids = known_ids.get(src.name) if known_ids else None
         for i, raw in enumerate(chunks):
             base_block = src.base_blocks[i] if src.base_blocks is not None else None
-            future = pool.submit(_process_block, store, src.dtype, raw, ids[i] if ids else None, base_block, sink)
+            future = pool.submit(process_block, store, src.dtype, raw, ids[i] if ids else None, base_block, sink)
             pending.append((src, i, len(raw), future))
             if len(pending) >= workers * 4:  # bounded read-ahead keeps memory flat
                 drain_one()
@@ -351,26 +253,13 @@ def _ingest_tensors(store, sources, known_ids, sink, pool, workers, result, prog
     ]
 
 
-def _store_literal(store: "Store", data: bytes | memoryview, sink: _BlockSink) -> tuple[bytes, ...]:
-    """Literal bytes (a small file, a safetensors header) as zstd blocks, deduplicated."""
-    ids = []
-    for i in range(0, len(data), store.block_bytes):
-        chunk = data[i:i + store.block_bytes]
-        bid = block_id(chunk)
-        if not sink.known(bid):
-            codec, payload = encode(chunk, 1, store.zstd_level)
-            sink.add(bid, codec, 1, len(chunk), payload, ZERO_BLOCK_ID)
-        ids.append(bid)
-    return tuple(ids)
-
-
 def _ingest_files(store, model: ModelFolder, sink, file_hashes, progress) -> list[FileEntry]:
     files = []
     for wf in model.weight_files:
         path = model.root / wf.relpath
         if wf.kind == "safetensors":
             prefix = wf.header.prefix
-            segments = [Segment(blocks=_store_literal(store, prefix, sink), size=len(prefix))]
+            segments = [Segment(blocks=store_literal(store, prefix, sink), size=len(prefix))]
             segments += [Segment(tensor=span.name) for span in wf.header.tensors]
             size = wf.header.file_size
         else:
@@ -382,7 +271,7 @@ def _ingest_files(store, model: ModelFolder, sink, file_hashes, progress) -> lis
                     else:
                         f.seek(seg.start)
                         literal = f.read(seg.end - seg.start)
-                        segments.append(Segment(blocks=_store_literal(store, literal, sink), size=len(literal)))
+                        segments.append(Segment(blocks=store_literal(store, literal, sink), size=len(literal)))
             size = wf.torch_bin.file_size
         files.append(FileEntry(wf.relpath, size, file_hashes[wf.relpath].result(), tuple(segments)))
     for rel in model.other_files:
@@ -390,7 +279,7 @@ def _ingest_files(store, model: ModelFolder, sink, file_hashes, progress) -> lis
             data = (model.root / rel).read_bytes()
         except OSError as exc:
             raise InvalidInputError(f"{rel}: cannot read: {exc.strerror}") from None
-        segment = Segment(blocks=_store_literal(store, data, sink), size=len(data))
+        segment = Segment(blocks=store_literal(store, data, sink), size=len(data))
         files.append(FileEntry(rel, len(data), hashlib.sha256(data).hexdigest(), (segment,)))
         if progress:
             progress(len(data))
