@@ -319,8 +319,9 @@ def reindex(ctx: Context) -> None:
 @cli.command()
 @click.argument("ref", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.option("--dot", is_flag=True, help="Print the lineage graph in Graphviz dot format.")
 @pass_ctx
-def log(ctx: Context, ref: str | None, as_json: bool) -> None:
+def log(ctx: Context, ref: str | None, as_json: bool, dot: bool) -> None:
     """Show the lineage of REF (its parents, back to the roots), or every snapshot when no REF is given."""
     store = ctx.store
     names = _names_by_id(store)
@@ -344,10 +345,131 @@ def log(ctx: Context, ref: str | None, as_json: bool) -> None:
     if as_json:
         emit_json(docs)
         return
+    if dot:
+        click.echo("digraph lineage {")
+        click.echo("  rankdir=BT; node [shape=box, fontname=monospace];")
+        for d in docs:
+            op = d["operation"]
+            what = op.get("method", op.get("op", "?"))
+            label = "\\n".join([d["id"][:12], *d["refs"], what])
+            click.echo(f'  "{d["id"][:12]}" [label="{label}"];')
+            for p in d["parents"]:
+                click.echo(f'  "{d["id"][:12]}" -> "{p[:12]}";')
+        click.echo("}")
+        return
     for d in docs:
         parents = ", ".join(p[:12] for p in d["parents"]) or "(root)"
         label = f" ({', '.join(d['refs'])})" if d["refs"] else ""
-        click.echo(f"{d['id'][:12]}{label}  {when(d['time'])}  {d['operation'].get('op', '?')}  parents: {parents}")
+        op = d["operation"]
+        what = op.get("op", "?") + (f" {op['method']}" if "method" in op else "")
+        click.echo(f"{d['id'][:12]}{label}  {when(d['time'])}  {what}  parents: {parents}")
+
+
+@cli.command()
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option("--name", help="Ref to create for the merged snapshot, e.g. merged/v1.")
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Seed of randomized methods (dare_*, della*): the same seed gives the same merge.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
+              help="Where the arithmetic runs.")
+@click.option("--shard-size", default="5GB", show_default=True, help="Largest safetensors shard of the output.")
+@click.option("--explain", is_flag=True, help="Print the plan (per tensor: operator, inputs, parameters); read no data.")
+@click.option("--force", is_flag=True, help="Move --name if it already points elsewhere.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result (or the plan) as JSON; no progress bar.")
+@pass_ctx
+def merge(ctx: Context, config: Path, name: str | None, seed: int, device: str, shard_size: str, explain: bool,
+          force: bool, as_json: bool) -> None:
+    """Merge models as a mergekit YAML CONFIG says, and commit the result as a snapshot.
+
+    CONFIG is a mergekit configuration, unchanged (merge_method, base_model, models or slices,
+    parameters with gradients and filters, dtype, out_dtype, tokenizer_source). A model is a store
+    ref, a snapshot id, or a model folder (ingested first, with its base detected). Without `dtype`,
+    arithmetic runs in float32 (mergekit would use the inputs' dtype). The snapshot records the YAML,
+    the resolved parameters, the input snapshot ids, the seed and the engine version.
+    """
+    from mpexec.merge import plan_merge, run_merge
+
+    try:
+        text = config.read_text()
+    except OSError as exc:
+        raise UserError(f"{config}: cannot read: {exc.strerror}") from None
+    store = ctx.store
+    notify = None if as_json else (lambda model: click.echo(f"ingesting {model} (not in the store yet)", err=True))
+    plan = plan_merge(store, text, source=str(config), config_dir=config.parent, ingest=not explain,
+                      on_ingest=notify)
+    if explain:
+        rows = [tp.describe() for tp in plan.tensors]
+        doc = {"method": plan.method.name, "base_model": plan.base,
+               "inputs": {m: sid.hex() for m, sid in plan.models.items()}, "tensors": rows}
+        if as_json:
+            emit_json(doc)
+            return
+        click.echo(f"merge_method: {plan.method.name}; base: {plan.base or '-'}; {len(rows)} output tensors")
+        for m, sid in plan.models.items():
+            click.echo(f"  input {m} = {short(sid)}")
+        for tp in plan.tensors:
+            op = "copy" if tp.copy_from is not None else plan.method.name
+            shared = ", ".join(f"{k}={v}" for k, v in tp.shared.items())
+            click.echo(f"{tp.name} [{'x'.join(map(str, tp.shape))} {tp.out_dtype}] {op}" + (f" ({shared})" if shared else ""))
+            for k, inp in enumerate(tp.inputs):
+                params = ", ".join(f"{p}={v}" for p, v in tp.per_input[k].items())
+                mark = " (base)" if k == tp.base_index else ""
+                click.echo(f"    {inp.model}{mark}: {inp.tensor}" + (f"  {params}" if params else ""))
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(plan.tensors), desc="merge", unit="tensor", file=sys.stderr, leave=False,
+               disable=as_json or not sys.stderr.isatty())
+    try:
+        result = run_merge(store, plan, name, seed=seed, device=device, shard_bytes=_parse_size(shard_size),
+                           force=force, progress=lambda _t: bar.update(1))
+    finally:
+        bar.close()
+    if as_json:
+        emit_json(result.as_dict())
+        return
+    click.echo(f"{short(result.id)} {name or '(no ref)'}: {plan.method.name} of {len(plan.models)} models, "
+               f"{result.tensors} tensors in {result.seconds:.1f} s")
+    click.echo(f"  read {human_bytes(result.bytes_read)} (base {human_bytes(result.bytes_read_base)}, experts "
+               f"{human_bytes(result.bytes_read_experts)}), {result.blocks_read} blocks; skipped "
+               f"{result.blocks_skipped['same_as_base']} same as base, {result.blocks_skipped['shared']} shared; "
+               f"wrote {human_bytes(result.written_bytes)}")
+
+
+@cli.command()
+@click.option("--no-wait", is_flag=True, help="Fail instead of waiting for running ingests and merges.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@pass_ctx
+def gc(ctx: Context, no_wait: bool, as_json: bool) -> None:
+    """Delete snapshots and blocks that no ref or pin reaches, and report the bytes freed.
+
+    Safe to interrupt at any point. Waits for running ingests and merges to commit first.
+    """
+    report = ctx.store.gc(wait=not no_wait)
+    if as_json:
+        emit_json(report.as_dict())
+        return
+    click.echo(f"removed {report.snapshots_removed} snapshots and {report.blocks_removed} blocks; rewrote "
+               f"{report.packs_rewritten} packs, deleted {report.orphan_packs_removed} orphan packs; "
+               f"freed {human_bytes(report.bytes_freed)}")
+
+
+@cli.command()
+@click.argument("ref")
+@pass_ctx
+def pin(ctx: Context, ref: str) -> None:
+    """Protect snapshot REF from gc, whether or not a ref names it."""
+    sid = ctx.store.pin(ref)
+    click.echo(f"pinned {short(sid)}")
+
+
+@cli.command()
+@click.argument("ref")
+@pass_ctx
+def unpin(ctx: Context, ref: str) -> None:
+    """Remove the pin of snapshot REF."""
+    sid = ctx.store.unpin(ref)
+    click.echo(f"unpinned {short(sid)}")
 
 
 @cli.group(cls=MpstoreGroup)

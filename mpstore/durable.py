@@ -61,16 +61,18 @@ def pread_exact(fd: int, length: int, offset: int) -> bytes:
 
 
 class FileLock:
-    """An exclusive advisory lock (flock) on a file; held by one process or thread at a time."""
+    """An advisory lock (flock) on a file: exclusive, or shared among many holders."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, shared: bool = False):
         self.path = path
+        self.shared = shared
         self._fd: int | None = None
 
     def acquire(self, blocking: bool = True) -> bool:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        mode = fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            fcntl.flock(fd, mode | (0 if blocking else fcntl.LOCK_NB))
         except BlockingIOError:
             os.close(fd)
             return False

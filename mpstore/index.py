@@ -137,6 +137,9 @@ class Index:
                 txn.put(sid, b"", db=self.dbs["pins"])
             for sid in commit.unpins:
                 txn.delete(sid, db=self.dbs["pins"])
+            for sid in commit.forget:
+                txn.delete(sid, db=self.dbs["snapshots"])
+                txn.delete(sid, db=self.dbs["snapinfo"])
             txn.put(b"log_high_water", _U64.pack(end), db=self.dbs["meta"])
 
     # -- snapshots, refs, pins ------------------------------------------------------------------
@@ -179,6 +182,18 @@ class Index:
     def pins(self) -> set[bytes]:
         with self.env.begin(db=self.dbs["pins"]) as txn:
             return {bytes(k) for k in txn.cursor().iternext(keys=True, values=False)}
+
+    def relocate(self, moved: dict[bytes, BlockLocation], dropped: list[bytes], old_pack: int,
+                 new_pack: int | None, new_end: int | None) -> None:
+        """gc's switch from an old pack to its rewritten copy, in one transaction."""
+        with self.env.begin(write=True) as txn:
+            for block, loc in moved.items():
+                txn.put(block, loc.pack_bytes(), db=self.dbs["blocks"])
+            for block in dropped:
+                txn.delete(block, db=self.dbs["blocks"])
+            txn.delete(_U64.pack(old_pack), db=self.dbs["packs"])
+            if new_pack is not None:
+                txn.put(_U64.pack(new_pack), _U64.pack(new_end), db=self.dbs["packs"])
 
     # -- rebuild --------------------------------------------------------------------------------
 

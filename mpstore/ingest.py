@@ -161,6 +161,12 @@ def ingest_folder(store: "Store", folder: Path, name: str | None = None, base: s
     else:
         old = None
     model = scan_model_folder(folder)
+    with store.writing().held():  # gc waits until this ingest is committed
+        return _ingest(store, model, name, old, base, progress, started)
+
+
+def _ingest(store: "Store", model: ModelFolder, name: str | None, old: bytes | None, base: str | None,
+            progress: "Progress | None", started: float) -> IngestResult:
     workers = max(2, os.cpu_count() or 2)
     sources = _open_sources(model)
     result = IngestResult(id=b"", name=name, base=None)

@@ -36,6 +36,7 @@ class Commit:
     refs: dict[str, bytes | None] = field(default_factory=dict)  # name -> snapshot id, None deletes
     pins: list[bytes] = field(default_factory=list)
     unpins: list[bytes] = field(default_factory=list)
+    forget: list[bytes] = field(default_factory=list)  # snapshots gc removed
     time: float = 0.0
     message: str = ""
 
@@ -50,6 +51,8 @@ class Commit:
             "pins": [p.hex() for p in self.pins],
             "unpins": [p.hex() for p in self.unpins],
         }
+        if self.forget:
+            ops["forget"] = [p.hex() for p in self.forget]
         parts.append(json.dumps(ops, sort_keys=True, separators=(",", ":")).encode())
         return b"".join(parts)
 
@@ -69,6 +72,7 @@ class Commit:
                 refs={name: (bytes.fromhex(v) if v else None) for name, v in ops["refs"].items()},
                 pins=[bytes.fromhex(p) for p in ops["pins"]],
                 unpins=[bytes.fromhex(p) for p in ops["unpins"]],
+                forget=[bytes.fromhex(p) for p in ops.get("forget", [])],
                 time=float(ops["time"]),
                 message=str(ops.get("message", "")),
             )

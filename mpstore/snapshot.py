@@ -62,7 +62,7 @@ class Segment:
 class FileEntry:
     path: str  # posix, relative to the model folder
     size: int
-    sha256: str
+    sha256: str | None  # None for files a merge assembled: export then relies on the block ids
     segments: tuple[Segment, ...]
 
 

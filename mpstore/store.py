@@ -167,9 +167,18 @@ class Store:
             for sid in set(commit.refs.values()) | set(commit.pins):
                 if sid is not None and sid not in commit.snapshot_ids and self.index.manifest_bytes(sid) is None:
                     raise NotFoundError(f"snapshot {sid.hex()} is not in the store")
-            commit.time = time.time()
-            offset, end = self.log.append(commit)
-            self.index.apply_commit(commit, offset, end)
+            for data in commit.manifests:
+                blocks = Manifest.decode(data).all_blocks()
+                if len(self.index.get_blocks(blocks)) != len(blocks):
+                    raise CorruptionError("a block of the new snapshot is missing from the index "
+                                          "(removed by a concurrent gc?); run the command again")
+            self.append_locked(commit)
+
+    def append_locked(self, commit: Commit) -> None:
+        """Stamp, append and apply one commit record. The caller holds the commit lock."""
+        commit.time = time.time()
+        offset, end = self.log.append(commit)
+        self.index.apply_commit(commit, offset, end)
 
     def rebuild_index(self) -> int:
         """Rebuild the index from the packs and the log (after losing or damaging index/).
@@ -191,6 +200,10 @@ class Store:
             self._manifest_cache.clear()
             self._catch_up_locked()
         return count
+
+    def writing(self) -> FileLock:
+        """A shared hold on gc.lock for the whole of an ingest or merge: gc waits until it ends."""
+        return FileLock(self.path / "gc.lock", shared=True)
 
     def pack_writer(self) -> PackWriter:
         return PackWriter(self.path / "packs", self.index.pack_end)
@@ -348,6 +361,12 @@ class Store:
         from .fsck import fsck
 
         return fsck(self, progress=progress)
+
+    def gc(self, wait: bool = True, progress: Progress | None = None):
+        """Delete snapshots and blocks no ref or pin reaches; see mpstore.gc."""
+        from .gc import collect
+
+        return collect(self, wait=wait, progress=progress)
 
     def du(self):
         from .usage import disk_usage

@@ -102,15 +102,18 @@ class BlockSink:
 
 
 def process_block(store: "Store", dtype: DType, raw: memoryview, known_id: bytes | None,
-                   base_block: bytes | None, sink: BlockSink):
-    """Worker: hash, compare with the base, compute delta statistics and encode if new."""
+                  base_block: bytes | None, sink: BlockSink, base_raw: bytes | None = None):
+    """Worker: hash, compare with the base, compute delta statistics and encode if new.
+
+    `base_raw` may hand over the base block's bytes when the caller already holds them.
+    """
     bid = known_id or block_id(raw)
     if base_block is not None and bid == base_block:
         return bid, (0.0, 0.0, 0), None
     stats, ref_raw, ref_id = None, None, ZERO_BLOCK_ID
     if base_block is not None:
         base_loc = store.location(base_block)
-        ref_raw = store.read_block(base_block, base_loc)
+        ref_raw = base_raw if base_raw is not None else store.read_block(base_block, base_loc)
         stats = delta_stats(dtype, raw, ref_raw)
         if base_loc.codec == Codec.XOR_GROUPED_ZSTD:
             ref_raw = None  # delta chains stay one level deep

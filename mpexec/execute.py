@@ -1,0 +1,316 @@
+"""Execution: a MergePlan -> merged tensors written as blocks -> one committed snapshot with lineage.
+
+Tensors are merged one at a time, so memory is bounded by the largest tensor times the number of
+inputs, never by the model. Input blocks are read once: a block identical to the base's block at the
+same position is taken from the base (its delta is exactly zero) and blocks shared between inputs
+are read once. When every input of a delta-based method equals the base, the output is the base's
+blocks and nothing is read or computed. Output blocks go through mpstore.writer, XOR-coded against
+the base, so a merge close to its base stores little and an identical re-run writes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from mpstore.errors import ConflictError
+from mpstore.manifest_log import Commit
+from mpstore.snapshot import FileEntry, Manifest, Segment, TensorEntry
+from mpstore.torch_dtypes import TORCH_DTYPES, to_torch
+from mpstore.writer import BlockSink, process_block, split_blocks, store_literal
+from mpstore.dtypes import dtype_named
+
+from .methods import QueryError, identity_on_equal_inputs, merge_tensor
+from .plan import MergePlan, TensorPlan
+
+if TYPE_CHECKING:
+    from mpstore import Store
+
+ENGINE_VERSION = "mpexec 0.1.0"
+DEFAULT_SHARD_BYTES = 5 * 10**9  # mergekit's default --out-shard-size
+# Methods whose output equals the base wherever every input equals the base (a zero delta adds nothing).
+DELTA_METHODS = {"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
+                 "della", "della_linear", "sce"}
+# Files of the base (or tokenizer source) that a merged model carries along, as mergekit does.
+TAGALONG = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+            "tokenizer.model", "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+TORCH_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+@dataclass
+class MergeResult:
+    id: bytes
+    name: str | None
+    tensors: int = 0
+    bytes_read: int = 0
+    bytes_read_base: int = 0
+    bytes_read_experts: int = 0
+    blocks_read: int = 0
+    blocks_skipped: dict[str, int] = field(default_factory=lambda: {"same_as_base": 0, "shared": 0})
+    tensors_passed_through: int = 0  # outputs that are an input's blocks, with nothing read
+    written_bytes: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "id": self.id.hex(), "name": self.name, "tensors": self.tensors, "bytes_read": self.bytes_read,
+            "bytes_read_base": self.bytes_read_base, "bytes_read_experts": self.bytes_read_experts,
+            "blocks_read": self.blocks_read, "blocks_skipped": dict(self.blocks_skipped),
+            "tensors_passed_through": self.tensors_passed_through, "written_bytes": self.written_bytes,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise QueryError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    if device not in ("cpu", "cuda"):
+        raise QueryError(f"--device {device!r}: use cpu, cuda or auto")
+    return torch.device(device)
+
+
+def tensor_seed(seed: int, tensor: str) -> int:
+    """Per-tensor RNG seed: the same seed and tensor name give the same masks on any device."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{tensor}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+class _Reader:
+    """Reads input blocks once per tensor, taking XOR references from blocks already in hand."""
+
+    def __init__(self, store: "Store", pool: ThreadPoolExecutor, result: MergeResult):
+        self.store, self.pool, self.result = store, pool, result
+
+    def read(self, blocks: list[bytes], cache: dict[bytes, bytes]) -> int:
+        """Read the blocks not in `cache` into it; returns the bytes taken from pack files."""
+        wanted = [b for b in dict.fromkeys(blocks) if b not in cache]
+        before = self.store.packs.bytes_read
+
+        def one(block: bytes) -> bytes:
+            loc = self.store.location(block)
+            return self.store.read_block(block, loc, ref_raw=cache.get(loc.ref))
+
+        for block, raw in zip(wanted, self.pool.map(one, wanted)):
+            cache[block] = raw
+        self.result.blocks_read += len(wanted)
+        return self.store.packs.bytes_read - before
+
+
+def _gather(store: "Store", tp: TensorPlan, entries: list[TensorEntry], reader: _Reader,
+            result: MergeResult) -> tuple[list[bytes], dict[bytes, bytes]]:
+    """The raw bytes of every input tensor, reading each distinct block once (base first)."""
+    cache: dict[bytes, bytes] = {}
+    order = list(range(len(entries)))
+    if tp.base_index is not None:
+        order.remove(tp.base_index)
+        result.bytes_read_base += reader.read(list(entries[tp.base_index].blocks), cache)
+    base_blocks = entries[tp.base_index].blocks if tp.base_index is not None else ()
+    expert_blocks = []
+    for k in order:
+        for i, block in enumerate(entries[k].blocks):
+            if block in cache or block in expert_blocks:
+                same = i < len(base_blocks) and base_blocks[i] == block
+                result.blocks_skipped["same_as_base" if same else "shared"] += 1
+            else:
+                expert_blocks.append(block)
+    result.bytes_read_experts += reader.read(expert_blocks, cache)
+    return [b"".join(cache[b] for b in e.blocks) for e in entries], cache
+
+
+def _layout(plan: MergePlan, shard_bytes: int) -> list[list[TensorPlan]]:
+    shards: list[list[TensorPlan]] = [[]]
+    size = 0
+    for tp in plan.tensors:
+        nbytes = dtype_named(tp.out_dtype).nbytes(_numel(tp.shape))
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(tp)
+        size += nbytes
+    return shards
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _safetensors_prefix(tensors: list[TensorPlan]) -> bytes:
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for tp in tensors:
+        n = dtype_named(tp.out_dtype).nbytes(_numel(tp.shape))
+        header[tp.name] = {"dtype": tp.out_dtype, "shape": list(tp.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    return struct.pack("<Q", len(text)) + text
+
+
+def _carried_files(store: "Store", plan: MergePlan, out_dtypes: set[str], sink: BlockSink) -> list[FileEntry]:
+    source = store.manifest(plan.models[plan.files_from])
+    files = []
+    for entry in source.files:
+        if entry.path == "config.json":
+            config = json.loads(b"".join(store.read_block(b) for s in entry.segments for b in s.blocks))
+            if len(out_dtypes) == 1:
+                name = TORCH_NAMES.get(next(iter(out_dtypes)))
+                for key in ("torch_dtype", "dtype"):
+                    if key in config and name:
+                        config[key] = name
+            files.append(_literal_file("config.json", json.dumps(config, indent=2).encode() + b"\n", store, sink))
+        elif entry.path in TAGALONG:
+            files.append(entry)  # same bytes, same blocks: nothing new is stored
+    files.append(_literal_file("mergekit_config.yml", plan.query.text.encode(), store, sink))
+    return files
+
+
+def _literal_file(path: str, data: bytes, store: "Store", sink: BlockSink) -> FileEntry:
+    return FileEntry(path, len(data), hashlib.sha256(data).hexdigest(),
+                     (Segment(blocks=store_literal(store, data, sink), size=len(data)),))
+
+
+def execute_plan(store: "Store", plan: MergePlan, name: str | None, seed: int = 0, device: str = "cpu",
+                 shard_bytes: int = DEFAULT_SHARD_BYTES, force: bool = False,
+                 progress: Callable[[str], None] | None = None) -> MergeResult:
+    """Run the plan and commit the merged snapshot (and `name`, if given) atomically."""
+    from mpstore.store import check_ref_name
+
+    started = time.monotonic()
+    if name is not None:
+        check_ref_name(name)
+    old = store.index.ref(name) if name else None
+    if old is not None and not force:
+        raise ConflictError(f"ref {name!r} already exists (points to {old.hex()[:12]}); use --force to move it")
+    dev = resolve_device(device)
+    with store.writing().held():  # gc waits until this merge is committed
+        return _execute(store, plan, name, old, seed, dev, shard_bytes, progress, started)
+
+
+def _execute(store: "Store", plan: MergePlan, name: str | None, old: bytes | None, seed: int, dev: torch.device,
+             shard_bytes: int, progress: Callable[[str], None] | None, started: float) -> MergeResult:
+    result = MergeResult(id=b"", name=name)
+    manifests = {sid: store.manifest(sid) for sid in set(plan.models.values())}
+    base_manifest = manifests[plan.base_snapshot] if plan.base_snapshot else None
+    shards = _layout(plan, shard_bytes)
+    sink = BlockSink(store)
+    out_entries: dict[str, TensorEntry] = {}
+    files: list[FileEntry] = []
+    with ThreadPoolExecutor(2) as pool:
+        reader = _Reader(store, pool, result)
+        try:
+            for shard_index, shard in enumerate(shards):
+                prefix = _safetensors_prefix(shard)
+                size = len(prefix)
+                for tp in shard:
+                    _merge_one(store, plan, tp, manifests, base_manifest, reader, pool, sink, seed, dev,
+                               result, out_entries)
+                    size += dtype_named(tp.out_dtype).nbytes(_numel(tp.shape))
+                    result.tensors += 1
+                    if progress:
+                        progress(tp.name)
+                path = "model.safetensors" if len(shards) == 1 else \
+                    f"model-{shard_index + 1:05d}-of-{len(shards):05d}.safetensors"
+                segments = (Segment(blocks=store_literal(store, prefix, sink), size=len(prefix)),) + \
+                    tuple(Segment(tensor=tp.name) for tp in shard)
+                # No file checksum: it would mean reading every passed-through block; export checks
+                # each block against its id instead (FORMAT.md, section 6).
+                files.append(FileEntry(path, size, None, segments))
+            if len(shards) > 1:
+                weight_map = {tp.name: f.path for f, shard in zip(files, shards) for tp in shard}
+                total = sum(dtype_named(tp.out_dtype).nbytes(_numel(tp.shape)) for tp in plan.tensors)
+                index = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+                files.append(_literal_file("model.safetensors.index.json", index.encode() + b"\n", store, sink))
+            files += _carried_files(store, plan, {tp.out_dtype for tp in plan.tensors}, sink)
+        finally:
+            sink.close()
+    result.written_bytes = sink.written_bytes
+    result.bytes_read = result.bytes_read_base + result.bytes_read_experts
+    manifest = Manifest(
+        block_bytes=store.block_bytes,
+        tensors=tuple(out_entries.values()),
+        files=tuple(files),
+        base=plan.base_snapshot,
+        parents=tuple(plan.input_snapshots()),
+        operation={
+            "op": "merge",
+            "engine": ENGINE_VERSION,
+            "method": plan.method.name,
+            "query": plan.query.text,
+            "seed": seed,
+            "inputs": {model: sid.hex() for model, sid in plan.models.items()},
+            "base_model": plan.base,
+            "resolved": [{"tensor": tp.name, "parameters": tp.shared,
+                          "inputs": [{"model": i.model, "tensor": i.tensor, "parameters": tp.per_input[k]}
+                                     for k, i in enumerate(tp.inputs)]} for tp in plan.tensors],
+        },
+    )
+    result.id = manifest.id
+    store.commit(Commit(manifests=[manifest.encode()], refs={name: result.id} if name else {},
+                        message=f"merge {plan.method.name}"),
+                 expect={name: old} if name else None)
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _merge_one(store, plan: MergePlan, tp: TensorPlan, manifests, base_manifest, reader: _Reader,
+               pool: ThreadPoolExecutor, sink: BlockSink, seed: int, dev: torch.device, result: MergeResult,
+               out_entries: dict[str, TensorEntry]) -> None:
+    """Merge one output tensor, write its blocks and record its entry."""
+    entries = [manifests[i.snapshot].tensor_map()[i.tensor] for i in tp.inputs]
+    base_entry = base_manifest.tensor_map().get(tp.name) if base_manifest else None
+    if base_entry is not None and (base_entry.dtype != tp.out_dtype or base_entry.shape != tp.shape):
+        base_entry = None  # blocks would not line up: no XOR reference, no statistics
+    # An output that is exactly one input's tensor keeps that input's blocks: nothing read or written.
+    passthrough = tp.copy_from
+    if passthrough is None and plan.method.name in DELTA_METHODS and tp.base_index is not None \
+            and identity_on_equal_inputs(plan.method.name, tp.shared) \
+            and all(e.blocks == entries[tp.base_index].blocks for e in entries) \
+            and entries[tp.base_index].dtype == tp.out_dtype:
+        passthrough = tp.base_index
+    if passthrough is not None and entries[passthrough].dtype == tp.out_dtype:
+        source = entries[passthrough]
+        result.tensors_passed_through += 1
+        result.blocks_skipped["same_as_base"] += sum(len(e.blocks) for k, e in enumerate(entries) if k != passthrough)
+        out_entries[tp.name] = TensorEntry(tp.name, tp.out_dtype, tp.shape, source.blocks,
+                                           _zero_stats(source) if base_entry is not None and
+                                           base_entry.blocks == source.blocks else None)
+        return
+    raws, cache = _gather(store, tp, entries, reader, result)
+    compute = TORCH_DTYPES[tp.compute_dtype]
+    tensors = [to_torch(raw, e.dtype, e.shape).to(device=dev, dtype=compute) for raw, e in zip(raws, entries)]
+    del raws
+    generator = torch.Generator().manual_seed(tensor_seed(seed, tp.name)) if plan.method.randomized else None
+    merged = merge_tensor(plan.method.name, tensors, tp.base_index, tp.shared, tp.per_input, generator)
+    del tensors
+    out = merged.to(dtype=TORCH_DTYPES[tp.out_dtype]).to("cpu").contiguous()
+    raw_out = out.reshape(-1).view(torch.uint8).numpy().tobytes() if out.numel() else b""
+    dtype = dtype_named(tp.out_dtype)
+    chunks = split_blocks(memoryview(raw_out), dtype, store.block_bytes)
+    base_blocks = base_entry.blocks if base_entry is not None else [None] * len(chunks)
+    jobs = [pool.submit(process_block, store, dtype, chunk, None, bb, sink, cache.get(bb) if bb else None)
+            for chunk, bb in zip(chunks, base_blocks)]
+    ids, stats = [], []
+    for chunk, job in zip(chunks, jobs):
+        bid, st, encoded = job.result()
+        if encoded is not None and bid not in sink.written:
+            codec, payload, ref = encoded
+            sink.add(bid, codec, dtype.group_width, len(chunk), payload, ref)
+        ids.append(bid)
+        stats.append(st)
+    out_entries[tp.name] = TensorEntry(tp.name, tp.out_dtype, tp.shape, tuple(ids),
+                                       tuple(stats) if base_entry is not None else None)
+
+
+def _zero_stats(entry: TensorEntry) -> tuple:
+    return tuple((0.0, 0.0, 0) for _ in entry.blocks)
