@@ -22,15 +22,15 @@ BLOCK = "4KiB"  # small blocks: a small-preset model spans ~2600 of them, so the
 BLOCK_BYTES = 4096
 
 # The `mpstore` console script is `mpcli.main:main`; this runs the same entry point but can first
-# lower ingest's publish interval (mpstore.ingest.SYNC_BYTES, 256 MiB by default) so that an ingest
-# of a ~10 MB test model fsyncs and publishes its blocks to the index many times, as a multi-GB
-# ingest does with the default. The process and its crash are still real.
+# lower the publish interval (mpstore.writer.SYNC_BYTES, 64 MiB by default) so that an ingest of a
+# ~10 MB test model fsyncs and publishes its blocks to the index many times, as a multi-GB ingest
+# does with the default. The process and its crash are still real.
 _ENTRY = """\
 import os, sys
 sync = os.environ.get("MPSTORE_TEST_SYNC_BYTES")
 if sync:
-    import mpstore.ingest
-    mpstore.ingest.SYNC_BYTES = int(sync)
+    import mpstore.writer
+    mpstore.writer.SYNC_BYTES = int(sync)
 sys.argv[0] = "mpstore"
 from mpcli.main import main
 main()
