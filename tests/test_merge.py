@@ -1,0 +1,237 @@
+"""`mpstore merge`: bad queries, EXPLAIN, lineage, determinism, randomized methods, export, crash."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from mpcli.main import cli
+from mpexec.merge import plan_merge, run_merge
+from mpexec.methods import QueryError
+from mpstore import Store
+
+from tests import crashutil as cu
+from tests.conftest import folder_digest, store_state
+
+TA = """
+merge_method: task_arithmetic
+base_model: base
+models:
+  - model: lora
+    parameters: {weight: 0.5}
+  - model: full
+    parameters: {weight: [0.2, 1.0]}
+"""
+
+
+@pytest.fixture
+def mstore(tmp_path, suite) -> Path:
+    path = tmp_path / "store"
+    with Store.init(path, block_bytes=4096) as s:
+        s.ingest(suite["base"], name="base")
+        for name, folder in (("lora", "lora-0"), ("partial", "partial-0"), ("full", "full-0")):
+            s.ingest(suite[folder], name=name, base="base")
+    return path
+
+
+def _write(tmp_path: Path, text: str, name: str = "q.yml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def _merge(store: Path, config: Path, *args: str):
+    return CliRunner().invoke(cli, ["--store", str(store), "merge", str(config), *args])
+
+
+BAD_QUERIES = {
+    "unknown method": ("merge_method: frobnicate\nmodels:\n  - model: base\n", "unknown merge method 'frobnicate'"),
+    "unknown parameter": (TA + "parameters: {wieght: 1}\n", "unknown parameter 'wieght'"),
+    "missing weight": ("merge_method: task_arithmetic\nbase_model: base\nmodels:\n  - model: lora\n",
+                       "missing required parameter 'weight' for model lora"),
+    "slerp with three models": ("merge_method: slerp\nbase_model: base\nmodels:\n  - model: base\n  - model: lora\n"
+                                "  - model: full\nparameters: {t: 0.5}\n", "slerp"),
+    "nuslerp with one model": ("merge_method: nuslerp\nmodels:\n  - model: lora\n    parameters: {weight: 1}\n",
+                               "nuslerp"),
+    "missing base": ("merge_method: ties\nmodels:\n  - model: lora\n    parameters: {weight: 1}\n", "base"),
+    "unknown ref": ("merge_method: linear\nmodels:\n  - model: nosuchmodel\n    parameters: {weight: 1}\n",
+                    "nosuchmodel"),
+    "yaml syntax": ("merge_method: linear\nmodels: [\n", "YAML syntax error at line"),
+    "unknown key": (TA + "dtpye: float32\n", "unknown key(s) dtpye"),
+    "bad dtype": (TA + "dtype: float8\n", "unknown dtype"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_QUERIES))
+def test_bad_queries_fail_in_one_line_before_reading_data(mstore, tmp_path, case):
+    text, needle = BAD_QUERIES[case]
+    before = store_state(mstore)
+    result = _merge(mstore, _write(tmp_path, text), "--name", "out")
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert lines[0].startswith("mpstore: error: ") and needle in lines[0], lines[0]
+    assert store_state(mstore) == before
+
+
+def _tamper(tmp_path: Path, suite, name: str, change) -> Path:
+    """A copy of the base folder with one tensor changed by `change(dict)`."""
+    from safetensors.torch import load_file
+    folder = tmp_path / name
+    folder.mkdir()
+    for f in suite["base"].iterdir():
+        if f.name != "model.safetensors":
+            (folder / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(suite["base"] / "model.safetensors")
+    change(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+@pytest.mark.parametrize("kind, needle", [
+    ("shape", "differs in shape"), ("missing", "has no tensor"), ("vocab", "mismatched vocabulary sizes")])
+def test_mismatched_inputs_are_refused_naming_model_and_tensor(mstore, tmp_path, suite, kind, needle):
+    def change(t):
+        if kind == "shape":
+            t["model.layers.1.mlp.up_proj.weight"] = t["model.layers.1.mlp.up_proj.weight"][:-1].clone()
+        elif kind == "missing":
+            del t["model.layers.2.self_attn.q_proj.weight"]
+        else:
+            t["model.embed_tokens.weight"] = torch.cat([t["model.embed_tokens.weight"]] * 2)
+    odd = _tamper(tmp_path, suite, f"odd-{kind}", change)
+    with Store.open(mstore) as s:
+        s.ingest(odd, name="odd")
+    before = store_state(mstore)
+    text = "merge_method: linear\nmodels:\n  - model: base\n    parameters: {weight: 1}\n" \
+           "  - model: odd\n    parameters: {weight: 1}\n"
+    result = _merge(mstore, _write(tmp_path, text), "--name", "out")
+    assert result.exit_code == 1 and needle in result.output and "odd" in result.output + needle
+    assert store_state(mstore) == before
+
+
+def test_explain_reads_no_tensor_data(mstore, tmp_path):
+    with Store.open(mstore) as s:
+        plan = plan_merge(s, TA, ingest=False)
+        assert s.packs.bytes_read == 0
+        assert len(plan.tensors) == len(s.manifest("base").tensors)
+    doc = json.loads(_merge(mstore, _write(tmp_path, TA), "--explain", "--json").output)
+    row = next(r for r in doc["tensors"] if r["tensor"] == "model.layers.3.mlp.up_proj.weight")
+    weights = [i["parameters"].get("weight") for i in row["inputs"]]
+    assert weights == [0.5, 1.0, None]  # full's gradient at the last layer; the base has no weight
+    text_out = _merge(mstore, _write(tmp_path, TA), "--explain").output
+    assert "model.layers.0.self_attn.q_proj.weight" in text_out and "task_arithmetic" in text_out
+
+
+def test_merge_records_lineage_and_same_query_gives_same_snapshot(mstore, tmp_path):
+    config = _write(tmp_path, TA)
+    first = json.loads(_merge(mstore, config, "--name", "m1", "--json").output)
+    second = json.loads(_merge(mstore, config, "--name", "m2", "--json").output)
+    assert first["id"] == second["id"]
+    assert second["written_bytes"] == 0
+    with Store.open(mstore) as s:
+        m = s.manifest("m1")
+        op = m.operation
+        assert op["op"] == "merge" and op["method"] == "task_arithmetic" and op["query"] == TA
+        assert op["seed"] == 0 and op["engine"].startswith("mpexec")
+        assert set(op["inputs"]) == {"base", "lora", "full"}
+        assert set(m.parents) == {s.resolve("base"), s.resolve("lora"), s.resolve("full")}
+        assert m.base == s.resolve("base")
+    log = json.loads(CliRunner().invoke(cli, ["--store", str(mstore), "log", "m1", "--json"]).output)
+    assert log[0]["id"] == first["id"] and len(log) == 4
+    dot = CliRunner().invoke(cli, ["--store", str(mstore), "log", "m1", "--dot"]).output
+    assert dot.startswith("digraph") and f'"{first["id"][:12]}" ->' in dot
+
+
+def test_lora_merge_reads_only_the_changed_blocks(mstore, tmp_path):
+    text = "merge_method: task_arithmetic\nbase_model: base\nmodels:\n  - model: lora\n    parameters: {weight: 1}\n"
+    with Store.open(mstore) as s:
+        result = run_merge(s, plan_merge(s, text), name="lm")
+        lora = s.manifest("lora").tensor_map()
+        changed = sum(1 for t in lora.values() if "proj" in t.name and "self_attn" in t.name)
+        assert result.tensors_passed_through == len(lora) - changed
+        total = sum(loc.record_len for loc in s.index.get_blocks(
+            {b for t in s.manifest("lora").tensors for b in t.blocks}).values())
+        assert 0 < result.bytes_read < total
+        assert result.blocks_skipped["same_as_base"] > 0
+
+
+def test_randomized_methods_are_seeded_and_rescale_by_l1(mstore, tmp_path):
+    text = ("merge_method: dare_linear\nbase_model: base\nmodels:\n  - model: full\n"
+            "    parameters: {weight: 1.0, density: 0.3}\ndtype: float32\nout_dtype: float32\n")
+    config = _write(tmp_path, text)
+    a = json.loads(_merge(mstore, config, "--name", "d1", "--seed", "7", "--json").output)
+    b = json.loads(_merge(mstore, config, "--name", "d2", "--seed", "7", "--json").output)
+    c = json.loads(_merge(mstore, config, "--name", "d3", "--seed", "8", "--json").output)
+    assert a["id"] == b["id"] != c["id"]
+    with Store.open(mstore) as s:
+        merged = dict(s.tensors("d1"))
+        base = dict(s.tensors("base"))
+        full = dict(s.tensors("full"))
+    name = "model.layers.3.mlp.down_proj.weight"
+    delta = full[name].float() - base[name].float()
+    kept = merged[name] - base[name].float()
+    nonzero = int((delta != 0).sum())
+    fraction = int((kept != 0).sum()) / nonzero
+    se = (0.3 * 0.7 / nonzero) ** 0.5
+    assert abs(fraction - 0.3) < 5 * se
+    assert float(kept.abs().sum()) == pytest.approx(float(delta.abs().sum()), rel=1e-4)
+
+
+def test_export_of_a_merge_loads_in_transformers_and_shards(mstore, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = _write(tmp_path, TA)
+    assert _merge(mstore, config, "--name", "m", "--shard-size", "200KB").exit_code == 0
+    out = tmp_path / "export"
+    assert CliRunner().invoke(cli, ["--store", str(mstore), "export", "m", str(out)]).exit_code == 0
+    assert (out / "model.safetensors.index.json").exists() and len(list(out.glob("model-*.safetensors"))) > 1
+    assert (out / "config.json").exists() and (out / "mergekit_config.yml").read_text() == TA
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    with Store.open(mstore) as s:
+        expected = dict(s.tensors("m"))
+    state = model.state_dict()
+    for name, value in expected.items():
+        assert torch.equal(state[name].to(value.dtype), value), name
+
+
+def test_device_cuda_without_a_gpu_is_a_clear_error(mstore, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU; the error path cannot occur")
+    result = _merge(mstore, _write(tmp_path, TA), "--name", "g", "--device", "cuda")
+    assert result.exit_code == 1 and "no CUDA device" in result.output
+
+
+def test_cpu_and_auto_devices_give_the_same_snapshot(mstore, tmp_path):
+    config = _write(tmp_path, TA)
+    cpu = json.loads(_merge(mstore, config, "--name", "c", "--json", "--device", "cpu").output)
+    auto = json.loads(_merge(mstore, config, "--name", "a", "--json", "--device", "auto").output)
+    assert cpu["id"] == auto["id"]
+
+
+def test_kill9_during_merge_leaves_no_snapshot_and_fsck_clean(small_suite, tmp_path):
+    path = tmp_path / "store"
+    cu.run_ok(path, "init", "--block-size", cu.BLOCK)
+    cu.run_ok(path, "ingest", small_suite["base"], "--name", "base")
+    cu.run_ok(path, "ingest", small_suite["full-0"], "--name", "full", "--base", "base")
+    config = _write(tmp_path, "merge_method: ties\nbase_model: base\nmodels:\n  - model: full\n"
+                              "    parameters: {weight: 0.7, density: 0.5}\n")
+    rng = random.Random(3)
+    for round_ in range(4):
+        proc = cu.start(path, "merge", config, "--name", "merged")
+        time.sleep(rng.uniform(0.2, 1.5))
+        cu.kill9(proc)
+        with Store.open(path) as s:
+            assert s.fsck().ok
+            refs = s.refs()
+            assert set(refs) <= {"base", "full", "merged"}
+            if "merged" in refs:
+                break  # the kill came after the commit: then it must be complete (checked below)
+    cu.run_ok(path, "merge", config, "--name", "merged", "--force")
+    with Store.open(path) as s:
+        assert s.fsck().ok
+        assert len(dict(s.tensors("merged"))) == len(s.manifest("base").tensors)
