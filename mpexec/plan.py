@@ -221,6 +221,8 @@ def build_plan(store: "Store", query: MergeQuery, models: dict[str, bytes]) -> M
             per_input.append({p.name: _resolve(p, scopes, tname, t, f"model {src.model}")
                               for p in method.params
                               if p.scope == "input" or (p.scope == "non_base" and k != base_index)})
+        if copy_from is None:
+            method.check_values(shared, per_input, out_name)  # e.g. della's density +- epsilon
         dtypes = [e.dtype for e in entries]
         compute = query.dtype or "F32"
         out_dtype = query.out_dtype or query.dtype or _promoted(dtypes)
