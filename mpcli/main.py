@@ -242,17 +242,21 @@ def show(ctx: Context, ref: str, show_tensors: bool, as_json: bool) -> None:
 @cli.command()
 @click.argument("ref")
 @click.argument("outdir", type=click.Path(path_type=Path))
+@click.option("--shard-size", default=None, help="Write safetensors weights as new shards of at most this "
+                                                 "size (e.g. 2GB), with an index; default: as stored.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (no progress bar).")
 @pass_ctx
-def export(ctx: Context, ref: str, outdir: Path, as_json: bool) -> None:
+def export(ctx: Context, ref: str, outdir: Path, shard_size: str | None, as_json: bool) -> None:
     """Write snapshot REF as a Hugging Face model folder OUTDIR (new or empty).
 
-    Every file comes back byte for byte as ingested; each is checked against its recorded SHA-256.
+    Every file comes back byte for byte as ingested (or as the merge assembled it); every block is
+    checked against its id, and each ingested file against its recorded SHA-256.
     """
     store = ctx.store
     manifest = store.manifest(ref)
+    shard_bytes = _parse_size(shard_size) if shard_size else None
     with ProgressBar(manifest.file_bytes, f"export {ref}", not as_json) as bar:
-        result = store.export(ref, outdir, progress=bar)
+        result = store.export(ref, outdir, progress=bar, shard_bytes=shard_bytes)
     if as_json:
         emit_json({"id": result.id.hex(), "outdir": str(outdir), "files": result.files, "bytes": result.bytes,
                    "seconds": round(result.seconds, 3)})

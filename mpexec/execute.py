@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from mpstore.snapshot import FileEntry, Manifest, Segment, TensorEntry
 from mpstore.torch_dtypes import TORCH_DTYPES, to_torch
 from mpstore.writer import BlockSink, process_block, split_blocks, store_literal
 from mpstore.dtypes import dtype_named
+from mpstore.safetensors_io import build_prefix, index_json, plan_shards, shard_names
 
 from .methods import QueryError, identity_on_equal_inputs, merge_tensor
 from .plan import MergePlan, TensorPlan
@@ -125,36 +125,11 @@ def _gather(store: "Store", tp: TensorPlan, entries: list[TensorEntry], reader: 
     return [b"".join(cache[b] for b in e.blocks) for e in entries], cache
 
 
-def _layout(plan: MergePlan, shard_bytes: int) -> list[list[TensorPlan]]:
-    shards: list[list[TensorPlan]] = [[]]
-    size = 0
-    for tp in plan.tensors:
-        nbytes = dtype_named(tp.out_dtype).nbytes(_numel(tp.shape))
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(tp)
-        size += nbytes
-    return shards
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _safetensors_prefix(tensors: list[TensorPlan]) -> bytes:
-    header: dict = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for tp in tensors:
-        n = dtype_named(tp.out_dtype).nbytes(_numel(tp.shape))
-        header[tp.name] = {"dtype": tp.out_dtype, "shape": list(tp.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # data starts 8-byte aligned, as safetensors writes it
-    return struct.pack("<Q", len(text)) + text
+def _nbytes(tp: TensorPlan) -> int:
+    numel = 1
+    for d in tp.shape:
+        numel *= d
+    return dtype_named(tp.out_dtype).nbytes(numel)
 
 
 def _carried_files(store: "Store", plan: MergePlan, out_dtypes: set[str], sink: BlockSink) -> list[FileEntry]:
@@ -202,7 +177,10 @@ def _execute(store: "Store", plan: MergePlan, name: str | None, old: bytes | Non
     result = MergeResult(id=b"", name=name)
     manifests = {sid: store.manifest(sid) for sid in set(plan.models.values())}
     base_manifest = manifests[plan.base_snapshot] if plan.base_snapshot else None
-    shards = _layout(plan, shard_bytes)
+    by_name = {tp.name: tp for tp in plan.tensors}
+    shards = [[by_name[n] for n in group]
+              for group in plan_shards([(tp.name, _nbytes(tp)) for tp in plan.tensors], shard_bytes)]
+    paths = shard_names(len(shards))
     sink = BlockSink(store)
     out_entries: dict[str, TensorEntry] = {}
     files: list[FileEntry] = []
@@ -210,17 +188,16 @@ def _execute(store: "Store", plan: MergePlan, name: str | None, old: bytes | Non
         reader = _Reader(store, pool, result)
         try:
             for shard_index, shard in enumerate(shards):
-                prefix = _safetensors_prefix(shard)
+                prefix = build_prefix([(tp.name, tp.out_dtype, tp.shape) for tp in shard])
                 size = len(prefix)
                 for tp in shard:
                     _merge_one(store, plan, tp, manifests, base_manifest, reader, pool, sink, seed, dev,
                                result, out_entries)
-                    size += dtype_named(tp.out_dtype).nbytes(_numel(tp.shape))
+                    size += _nbytes(tp)
                     result.tensors += 1
                     if progress:
                         progress(tp.name)
-                path = "model.safetensors" if len(shards) == 1 else \
-                    f"model-{shard_index + 1:05d}-of-{len(shards):05d}.safetensors"
+                path = paths[shard_index]
                 segments = (Segment(blocks=store_literal(store, prefix, sink), size=len(prefix)),) + \
                     tuple(Segment(tensor=tp.name) for tp in shard)
                 # No file checksum: it would mean reading every passed-through block; export checks
@@ -228,9 +205,8 @@ def _execute(store: "Store", plan: MergePlan, name: str | None, old: bytes | Non
                 files.append(FileEntry(path, size, None, segments))
             if len(shards) > 1:
                 weight_map = {tp.name: f.path for f, shard in zip(files, shards) for tp in shard}
-                total = sum(dtype_named(tp.out_dtype).nbytes(_numel(tp.shape)) for tp in plan.tensors)
-                index = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-                files.append(_literal_file("model.safetensors.index.json", index.encode() + b"\n", store, sink))
+                index = index_json(weight_map, sum(_nbytes(tp) for tp in plan.tensors))
+                files.append(_literal_file("model.safetensors.index.json", index, store, sink))
             files += _carried_files(store, plan, {tp.out_dtype for tp in plan.tensors}, sink)
         finally:
             sink.close()

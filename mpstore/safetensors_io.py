@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .dtypes import DTYPES, DType
+from .dtypes import DTYPES, DType, dtype_named
 from .errors import InvalidInputError, NotFoundError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -259,3 +259,47 @@ def _check_layout(spans: list[tuple[int, int, TensorSpan]], data_len: int, where
                      f"of data, file has {data_len})")
     if pos > data_len:
         _fail(where, f"truncated: tensors expect {pos} bytes of data, file has {data_len}")
+
+
+# -- writing --------------------------------------------------------------------------------------
+
+def build_prefix(tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None) -> bytes:
+    """The 8-byte length and JSON header of a safetensors file holding `tensors` (name, dtype, shape)
+    back to back in the given order; padded with spaces so data starts 8-byte aligned, as safetensors does."""
+    header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for name, dtype, shape in tensors:
+        numel = 1
+        for d in shape:
+            numel *= d
+        n = dtype_named(dtype).nbytes(numel)
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def plan_shards(tensors: list[tuple[str, int]], shard_bytes: int) -> list[list[str]]:
+    """Group (name, nbytes) in order into shards of at most shard_bytes (a larger tensor gets its own)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, nbytes in tensors:
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def shard_names(count: int) -> list[str]:
+    """Hugging Face file names for `count` shards."""
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def index_json(weight_map: dict[str, str], total_size: int) -> bytes:
+    """A model.safetensors.index.json as transformers writes it."""
+    return json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2).encode() + b"\n"

@@ -56,6 +56,7 @@ class Segment:
     tensor: str | None = None
     blocks: tuple[bytes, ...] = ()
     size: int = 0
+    literal: bytes | None = None  # only in files export builds on the fly; never stored
 
 
 @dataclass(frozen=True)

@@ -351,11 +351,12 @@ class Store:
 
         return ingest_folder(self, Path(folder), name=name, base=base, force=force, progress=progress)
 
-    def export(self, ref: str | bytes, outdir: Path | str, progress: Progress | None = None):
+    def export(self, ref: str | bytes, outdir: Path | str, progress: Progress | None = None,
+               shard_bytes: int | None = None):
         """Write a snapshot back as a model folder; see mpstore.export.export_snapshot."""
         from .export import export_snapshot
 
-        return export_snapshot(self, ref, Path(outdir), progress=progress)
+        return export_snapshot(self, ref, Path(outdir), progress=progress, shard_bytes=shard_bytes)
 
     def fsck(self, progress: Progress | None = None):
         from .fsck import fsck

@@ -199,6 +199,23 @@ def test_export_of_a_merge_loads_in_transformers_and_shards(mstore, tmp_path):
         assert torch.equal(state[name].to(value.dtype), value), name
 
 
+def test_export_reshards_a_merge_on_request(mstore, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    assert _merge(mstore, _write(tmp_path, TA), "--name", "m").exit_code == 0
+    out = tmp_path / "resharded"
+    result = CliRunner().invoke(cli, ["--store", str(mstore), "export", "m", str(out), "--shard-size", "150KB"])
+    assert result.exit_code == 0, result.output
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 1 and all(p.stat().st_size <= 150_000 + 4096 for p in shards)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    with Store.open(mstore) as s:
+        expected = dict(s.tensors("m"))
+    assert set(index["weight_map"]) == set(expected)
+    state = transformers.AutoModelForCausalLM.from_pretrained(out).state_dict()
+    for name, value in expected.items():
+        assert torch.equal(state[name].to(value.dtype), value), name
+
+
 def test_device_cuda_without_a_gpu_is_a_clear_error(mstore, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU; the error path cannot occur")
