@@ -105,24 +105,24 @@ class _Reader:
 
 
 def _gather(store: "Store", tp: TensorPlan, entries: list[TensorEntry], reader: _Reader,
-            result: MergeResult) -> tuple[list[bytes], dict[bytes, bytes]]:
-    """The raw bytes of every input tensor, reading each distinct block once (base first)."""
+            result: MergeResult) -> dict[bytes, bytes]:
+    """The raw bytes of every distinct block of the inputs, each read once (base first)."""
     cache: dict[bytes, bytes] = {}
     order = list(range(len(entries)))
     if tp.base_index is not None:
         order.remove(tp.base_index)
         result.bytes_read_base += reader.read(list(entries[tp.base_index].blocks), cache)
     base_blocks = entries[tp.base_index].blocks if tp.base_index is not None else ()
-    expert_blocks = []
+    expert_blocks: dict[bytes, None] = {}  # ordered set
     for k in order:
         for i, block in enumerate(entries[k].blocks):
             if block in cache or block in expert_blocks:
                 same = i < len(base_blocks) and base_blocks[i] == block
                 result.blocks_skipped["same_as_base" if same else "shared"] += 1
             else:
-                expert_blocks.append(block)
-    result.bytes_read_experts += reader.read(expert_blocks, cache)
-    return [b"".join(cache[b] for b in e.blocks) for e in entries], cache
+                expert_blocks[block] = None
+    result.bytes_read_experts += reader.read(list(expert_blocks), cache)
+    return cache
 
 
 def _nbytes(tp: TensorPlan) -> int:
@@ -262,10 +262,12 @@ def _merge_one(store, plan: MergePlan, tp: TensorPlan, manifests, base_manifest,
                                            _zero_stats(source) if base_entry is not None and
                                            base_entry.blocks == source.blocks else None)
         return
-    raws, cache = _gather(store, tp, entries, reader, result)
+    cache = _gather(store, tp, entries, reader, result)
     compute = TORCH_DTYPES[tp.compute_dtype]
-    tensors = [to_torch(raw, e.dtype, e.shape).to(device=dev, dtype=compute) for raw, e in zip(raws, entries)]
-    del raws
+    # One input at a time: its bytes are joined once and dropped when converted.
+    tensors = [to_torch(bytearray(b"".join(cache[b] for b in e.blocks)), e.dtype, e.shape).to(device=dev, dtype=compute)
+               for e in entries]
+    cache = {b: cache[b] for b in base_entry.blocks} if base_entry is not None else {}  # kept for XOR coding
     generator = torch.Generator().manual_seed(tensor_seed(seed, tp.name)) if plan.method.randomized else None
     merged = merge_tensor(plan.method.name, tensors, tp.base_index, tp.shared, tp.per_input, generator)
     del tensors
