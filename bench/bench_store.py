@@ -133,7 +133,7 @@ def machine() -> dict[str, str]:
         "mem": mem,
         "python": platform.python_version(),
         "libs": f"torch {torch.__version__}, safetensors {safetensors.__version__}, "
-                f"zstandard {zstandard.__version__}, numpy {numpy.__version__}",
+        f"zstandard {zstandard.__version__}, numpy {numpy.__version__}",
     }
 
 
@@ -203,10 +203,15 @@ def ingest_all(store_path: Path, paths: dict[str, Path], expert_base: str) -> In
         for name in suite_order(paths):
             t0 = time.perf_counter()
             result = store.ingest(paths[name], name=name, base=None if name == "base" else expert_base)
-            per_model[name] = {"seconds": time.perf_counter() - t0, "input_bytes": result.input_bytes,
-                               "written_bytes": result.written_bytes, "blocks": result.blocks,
-                               "same_as_base": result.blocks_same_as_base, "new": result.blocks_new,
-                               "base_ok": name == "base" or result.base == base_id}
+            per_model[name] = {
+                "seconds": time.perf_counter() - t0,
+                "input_bytes": result.input_bytes,
+                "written_bytes": result.written_bytes,
+                "blocks": result.blocks,
+                "same_as_base": result.blocks_same_as_base,
+                "new": result.blocks_new,
+                "base_ok": name == "base" or result.base == base_id,
+            }
             if name == "base":
                 base_id = result.id
     seconds = time.perf_counter() - start
@@ -249,8 +254,8 @@ PHASES = {  # key: (label, bytes counted)
     "read": ("read + sha256 (`cat`-like)", "raw"),
     "load": ("safetensors `load_file` + clone", "weights"),
     "copy": ("`shutil.copytree`", "raw"),
-    "ingest": ("mpstore ingest, experts `base=\"base\"`", "raw"),
-    "auto": ("mpstore ingest, experts `base=\"auto\"`", "raw"),
+    "ingest": ('mpstore ingest, experts `base="base"`', "raw"),
+    "auto": ('mpstore ingest, experts `base="auto"`', "raw"),
     "export": ("mpstore export", "raw"),
 }
 
@@ -265,8 +270,7 @@ def render(fig: dict) -> str:
     ok = lambda b: "yes" if b else "**NO**"  # noqa: E731
     rate = {key: phase_mbps(fig, key) for key in PHASES}
     lines = [
-        f"Measured {fig['date']} on {m['nproc']} cores ({m['cpu']}, {m['mem']}), Python {m['python']}; "
-        f"{m['libs']}.",
+        f"Measured {fig['date']} on {m['nproc']} cores ({m['cpu']}, {m['mem']}), Python {m['python']}; {m['libs']}.",
         "",
         f"Command: `{fig['command']}`",
         "",
@@ -285,17 +289,18 @@ def render(fig: dict) -> str:
     ]
     for key in ("ingest", "auto"):
         lines.append(
-            f"| ingest, experts `base=\"{'base' if key == 'ingest' else 'auto'}\"` | {rate[key]:.0f} MB/s "
+            f'| ingest, experts `base="{"base" if key == "ingest" else "auto"}"` | {rate[key]:.0f} MB/s '
             f"| read+sha256 {rate['read']:.0f} MB/s; load_file+clone {rate['load']:.0f} MB/s "
             f"| {rate[key] / rate['read']:.2f}x; {rate[key] / rate['load']:.2f}x "
-            f"| >= {TARGET_INGEST_MBPS:.0f} MB/s | {ok(rate[key] >= TARGET_INGEST_MBPS)} |")
+            f"| >= {TARGET_INGEST_MBPS:.0f} MB/s | {ok(rate[key] >= TARGET_INGEST_MBPS)} |"
+        )
     lines += [
         f"| export | {rate['export']:.0f} MB/s | copytree {rate['copy']:.0f} MB/s "
         f"| {rate['export'] / rate['copy']:.2f}x | >= {TARGET_EXPORT_MBPS:.0f} MB/s "
         f"| {ok(rate['export'] >= TARGET_EXPORT_MBPS)} |",
         f"| byte-identical export (sha256 of every file, same paths) | {fig['identical']}/{fig['models']} folders "
         f"in every run | | | all | {ok(fig['identical'] == fig['models'])} |",
-        f"| `base=\"auto\"` picked `base` for every expert | {ok(fig['auto_ok'])} | | | yes | {ok(fig['auto_ok'])} |",
+        f'| `base="auto"` picked `base` for every expert | {ok(fig["auto_ok"])} | | | yes | {ok(fig["auto_ok"])} |',
         f"| fsck of the store | {'clean' if fig['fsck_ok'] else 'PROBLEMS'} ({fig['fsck_seconds']:.1f} s) "
         f"| | | clean | {ok(fig['fsck_ok'])} |",
         "",
@@ -308,11 +313,13 @@ def render(fig: dict) -> str:
         ts = fig["timings"][key]
         walls, cpus = [t.wall for t in ts], [t.cpu for t in ts]
         nbytes = fig["raw_bytes"] if counted == "raw" else fig["weight_bytes"]
-        lines.append(f"| {label} | {rate[key]:.0f} | {statistics.median(walls):.2f} ({spread(walls)}) "
-                     f"| {statistics.median(cpus):.2f} | {statistics.median(cpus) / (nbytes / 1e9):.2f} |")
+        lines.append(
+            f"| {label} | {rate[key]:.0f} | {statistics.median(walls):.2f} ({spread(walls)}) "
+            f"| {statistics.median(cpus):.2f} | {statistics.median(cpus) / (nbytes / 1e9):.2f} |"
+        )
     lines += [
         "",
-        "Per model (last run, experts `base=\"base\"`):",
+        'Per model (last run, experts `base="base"`):',
         "",
         "| model | ingest s | ingest MB/s | new blocks | blocks = base | written / raw | export s | export MB/s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -321,7 +328,8 @@ def render(fig: dict) -> str:
         lines.append(
             f"| {name} | {row['seconds']:.2f} | {mbps(row['input_bytes'], row['seconds']):.0f} | {row['new']} "
             f"| {row['same_as_base']} | {row['written_bytes'] / row['input_bytes']:.1%} "
-            f"| {row['export_seconds']:.2f} | {mbps(row['input_bytes'], row['export_seconds']):.0f} |")
+            f"| {row['export_seconds']:.2f} | {mbps(row['input_bytes'], row['export_seconds']):.0f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -340,10 +348,18 @@ def run(preset: str, data: Path, repeat: int, work: Path | None, log: Callable[[
     workdir = Path(tempfile.mkdtemp(prefix=".bench-store-", dir=work or data))
     log(f"{len(order)} folders, {raw_bytes / MB:.1f} MB in {len(all_files)} files; work folder {workdir}")
 
-    fig: dict = {"preset": preset, "models": len(order), "files": len(all_files), "raw_bytes": raw_bytes,
-                 "weight_bytes": sum(p.stat().st_size for p in weight_files),
-                 "params": param_count(PRESETS[preset]), "repeat": repeat, "identical": len(order),
-                 "auto_ok": True, "timings": {key: [] for key in PHASES}}
+    fig: dict = {
+        "preset": preset,
+        "models": len(order),
+        "files": len(all_files),
+        "raw_bytes": raw_bytes,
+        "weight_bytes": sum(p.stat().st_size for p in weight_files),
+        "params": param_count(PRESETS[preset]),
+        "repeat": repeat,
+        "identical": len(order),
+        "auto_ok": True,
+        "timings": {key: [] for key in PHASES},
+    }
     timings = fig["timings"]
     try:
         for r in range(repeat):
@@ -370,8 +386,11 @@ def run(preset: str, data: Path, repeat: int, work: Path | None, log: Callable[[
             for p in [p for ps in problems.values() for p in ps][:20]:
                 log(f"EXPORT MISMATCH {p}")
             fig["identical"] = min(fig["identical"], identical)
-            log(f"run {r + 1}/{repeat}: " + "  ".join(f"{k} {v[-1].wall:.2f}s" for k, v in timings.items())
-                + f"  identical {identical}/{len(order)}")
+            log(
+                f"run {r + 1}/{repeat}: "
+                + "  ".join(f"{k} {v[-1].wall:.2f}s" for k, v in timings.items())
+                + f"  identical {identical}/{len(order)}"
+            )
             shutil.rmtree(run_dir / "export")
             if r < repeat - 1:
                 shutil.rmtree(run_dir)
@@ -403,11 +422,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.bench_store", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=list(PRESETS), default="bench")
     parser.add_argument("--data", type=Path, default=Path("bench/data"), help="suite cache (default bench/data)")
-    parser.add_argument("--out", type=Path, default=Path("bench/RESULTS.md"),
-                        help="markdown file whose '## Store (issue 2)' section is replaced ('-': none)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench/RESULTS.md"),
+        help="markdown file whose '## Store (issue 2)' section is replaced ('-': none)",
+    )
     parser.add_argument("--repeat", type=int, default=3, help="runs of each timed phase (median reported)")
-    parser.add_argument("--work", type=Path, default=None,
-                        help="where temporary stores and exports go (default: inside --data)")
+    parser.add_argument(
+        "--work", type=Path, default=None, help="where temporary stores and exports go (default: inside --data)"
+    )
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
@@ -426,8 +450,12 @@ def main(argv: list[str] | None = None) -> int:
         old = args.out.read_text() if args.out.exists() else ""
         args.out.write_text(replace_section(old, SECTION, body))
         print(f"section {SECTION!r} written to {args.out}")
-    targets_met = (fig["size_ratio"] <= TARGET_SIZE_RATIO and fig["ingest_mbps"] >= TARGET_INGEST_MBPS
-                   and fig["auto_mbps"] >= TARGET_INGEST_MBPS and fig["export_mbps"] >= TARGET_EXPORT_MBPS)
+    targets_met = (
+        fig["size_ratio"] <= TARGET_SIZE_RATIO
+        and fig["ingest_mbps"] >= TARGET_INGEST_MBPS
+        and fig["auto_mbps"] >= TARGET_INGEST_MBPS
+        and fig["export_mbps"] >= TARGET_EXPORT_MBPS
+    )
     correct = fig["identical"] == fig["models"] and fig["fsck_ok"] and fig["auto_ok"]
     if not correct:
         print("CORRECTNESS FAILURE: see above", file=sys.stderr)

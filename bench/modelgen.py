@@ -284,9 +284,7 @@ def write_base(
     return folder
 
 
-def write_expert(
-    folder: str | Path, base_folder: str | Path, kind: str, seed: int, scale: float = 1.0
-) -> Path:
+def write_expert(folder: str | Path, base_folder: str | Path, kind: str, seed: int, scale: float = 1.0) -> Path:
     """Write a fine-tuned copy of the Llama base in base_folder: same files and sharding, new weights.
 
     kind is "lora" (rank-8 LoRA, |delta| ~1e-3*scale, merged into q/k/v/o; all else bit-identical),
@@ -401,9 +399,7 @@ def make_suite(
     for kind, count in (("lora", n_lora), ("partial", n_partial), ("full", n_full)):
         for i in range(count):
             # Distinct seed per expert; the kind is also part of every tensor's generator key.
-            build = functools.partial(
-                write_expert, base_folder=root / "base", kind=kind, seed=seed * 1000 + i
-            )
+            build = functools.partial(write_expert, base_folder=root / "base", kind=kind, seed=seed * 1000 + i)
             jobs.append((f"{kind}-{i}", build))
 
     paths: dict[str, Path] = {}

@@ -12,8 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from bench.bench_store import (SECTION, compare_folders, export_all, folder_bytes, ingest_all, main,
-                               replace_section, suite_order)
+from bench.bench_store import (
+    SECTION,
+    compare_folders,
+    export_all,
+    folder_bytes,
+    ingest_all,
+    main,
+    replace_section,
+    suite_order,
+)
 from bench.modelgen import make_suite
 from mpstore import Store
 
@@ -46,8 +54,9 @@ def _fresh(root: Path):
 
 @pytest.mark.parametrize("expert_base", ["base", "auto"])
 def test_ingest(benchmark, suite, tmp_path, expert_base):
-    run = benchmark.pedantic(lambda path: ingest_all(path, suite, expert_base), setup=_fresh(tmp_path),
-                             rounds=ROUNDS, iterations=1)
+    run = benchmark.pedantic(
+        lambda path: ingest_all(path, suite, expert_base), setup=_fresh(tmp_path), rounds=ROUNDS, iterations=1
+    )
     benchmark.extra_info["input_bytes"] = sum(m["input_bytes"] for m in run.per_model.values())
     assert run.auto_bases_ok  # every expert's base is the base snapshot, explicit or chosen
     assert set(run.per_model) == set(suite)
@@ -58,8 +67,9 @@ def test_ingest(benchmark, suite, tmp_path, expert_base):
 
 
 def test_export(benchmark, suite, ingested, tmp_path):
-    benchmark.pedantic(lambda path: export_all(ingested, suite, path), setup=_fresh(tmp_path),
-                       rounds=ROUNDS, iterations=1)
+    benchmark.pedantic(
+        lambda path: export_all(ingested, suite, path), setup=_fresh(tmp_path), rounds=ROUNDS, iterations=1
+    )
     benchmark.extra_info["output_bytes"] = sum(folder_bytes(p) for p in suite.values())
     rounds = sorted(tmp_path.iterdir())
     assert rounds

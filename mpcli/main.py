@@ -72,11 +72,22 @@ class MpstoreGroup(click.Group):
 
 
 def _parse_size(text: str) -> int:
-    units = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
-             "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
+    units = {
+        "": 1,
+        "b": 1,
+        "k": 1000,
+        "kb": 1000,
+        "kib": 1024,
+        "m": 1000**2,
+        "mb": 1000**2,
+        "mib": 1024**2,
+        "g": 1000**3,
+        "gb": 1000**3,
+        "gib": 1024**3,
+    }
     t = text.strip().lower()
     number = t.rstrip("kmgib")
-    unit = t[len(number):]
+    unit = t[len(number) :]
     try:
         return int(float(number) * units[unit])
     except (ValueError, KeyError):
@@ -84,8 +95,14 @@ def _parse_size(text: str) -> int:
 
 
 @click.group(cls=MpstoreGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--store", "store_path", type=click.Path(path_type=Path), default=None, envvar="MPSTORE_PATH",
-              help="Store folder. Default: $MPSTORE_PATH, else ./.mpstore in the current folder.")
+@click.option(
+    "--store",
+    "store_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    envvar="MPSTORE_PATH",
+    help="Store folder. Default: $MPSTORE_PATH, else ./.mpstore in the current folder.",
+)
 @click.version_option(package_name="mergepipe", prog_name="mpstore")
 @click.pass_context
 def cli(ctx: click.Context, store_path: Path | None) -> None:
@@ -110,8 +127,12 @@ def cli(ctx: click.Context, store_path: Path | None) -> None:
 
 
 @cli.command()
-@click.option("--block-size", default="1MiB", show_default=True, help="Target size of a block (store-wide, fixed at init).")
-@click.option("--zstd-level", default=1, show_default=True, type=click.IntRange(1, 19), help="zstd level for block compression.")
+@click.option(
+    "--block-size", default="1MiB", show_default=True, help="Target size of a block (store-wide, fixed at init)."
+)
+@click.option(
+    "--zstd-level", default=1, show_default=True, type=click.IntRange(1, 19), help="zstd level for block compression."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @pass_ctx
 def init(ctx: Context, block_size: str, zstd_level: int, as_json: bool) -> None:
@@ -126,8 +147,11 @@ def init(ctx: Context, block_size: str, zstd_level: int, as_json: bool) -> None:
 @cli.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--name", help="Ref to create for the snapshot, e.g. base or experts/math.")
-@click.option("--base", help="Base snapshot (a REF, or 'auto' to pick the closest stored model). "
-                             "Blocks are then stored as XOR deltas and delta statistics are recorded.")
+@click.option(
+    "--base",
+    help="Base snapshot (a REF, or 'auto' to pick the closest stored model). "
+    "Blocks are then stored as XOR deltas and delta statistics are recorded.",
+)
 @click.option("--force", is_flag=True, help="Move --name if it already points elsewhere.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (no progress bar).")
 @pass_ctx
@@ -142,20 +166,32 @@ def ingest(ctx: Context, path: Path, name: str | None, base: str | None, force: 
     with ProgressBar(_folder_size(path) if path.is_dir() else 0, f"ingest {path.name}", not as_json) as bar:
         result = store.ingest(path, name=name, base=base, force=force, progress=bar)
     info = {
-        "id": result.id.hex(), "name": result.name, "base": result.base.hex() if result.base else None,
-        "tensors": result.tensors, "input_bytes": result.input_bytes, "written_bytes": result.written_bytes,
-        "blocks": result.blocks, "blocks_new": result.blocks_new, "blocks_same_as_base": result.blocks_same_as_base,
-        "blocks_dedup": result.blocks_dedup, "codecs": result.codecs, "seconds": round(result.seconds, 3),
+        "id": result.id.hex(),
+        "name": result.name,
+        "base": result.base.hex() if result.base else None,
+        "tensors": result.tensors,
+        "input_bytes": result.input_bytes,
+        "written_bytes": result.written_bytes,
+        "blocks": result.blocks,
+        "blocks_new": result.blocks_new,
+        "blocks_same_as_base": result.blocks_same_as_base,
+        "blocks_dedup": result.blocks_dedup,
+        "codecs": result.codecs,
+        "seconds": round(result.seconds, 3),
     }
     if as_json:
         emit_json(info)
         return
     rate = result.input_bytes / result.seconds / 1e6 if result.seconds else 0
-    click.echo(f"{short(result.id)} {name or '(no ref)'}: {result.tensors} tensors, "
-               f"{human_bytes(result.input_bytes)} read, {human_bytes(result.written_bytes)} written "
-               f"({rate:.0f} MB/s)")
-    click.echo(f"  blocks: {result.blocks} ({result.blocks_new} new, {result.blocks_same_as_base} same as base, "
-               f"{result.blocks_dedup} already stored)" + (f"; base {short(result.base)}" if result.base else ""))
+    click.echo(
+        f"{short(result.id)} {name or '(no ref)'}: {result.tensors} tensors, "
+        f"{human_bytes(result.input_bytes)} read, {human_bytes(result.written_bytes)} written "
+        f"({rate:.0f} MB/s)"
+    )
+    click.echo(
+        f"  blocks: {result.blocks} ({result.blocks_new} new, {result.blocks_same_as_base} same as base, "
+        f"{result.blocks_dedup} already stored)" + (f"; base {short(result.base)}" if result.base else "")
+    )
 
 
 def _names_by_id(store: Store) -> dict[bytes, list[str]]:
@@ -180,21 +216,40 @@ def list_cmd(ctx: Context, show_all: bool, as_json: bool) -> None:
         if not refs and not show_all and info.id not in pins:
             continue
         m = info.manifest
-        rows.append({
-            "refs": refs, "id": info.id.hex(), "time": info.time, "tensors": len(m.tensors),
-            "bytes": m.file_bytes, "base": m.base.hex() if m.base else None, "pinned": info.id in pins,
-            "operation": m.operation.get("op"),
-        })
+        rows.append(
+            {
+                "refs": refs,
+                "id": info.id.hex(),
+                "time": info.time,
+                "tensors": len(m.tensors),
+                "bytes": m.file_bytes,
+                "base": m.base.hex() if m.base else None,
+                "pinned": info.id in pins,
+                "operation": m.operation.get("op"),
+            }
+        )
     if as_json:
         emit_json(rows)
         return
     if not rows:
         click.echo("No snapshots yet. Add one with: mpstore ingest PATH --name NAME")
         return
-    table([[", ".join(r["refs"]) or "-", r["id"][:12], r["operation"] or "", str(r["tensors"]), human_bytes(r["bytes"]),
-            ", ".join(names.get(bytes.fromhex(r["base"]), [r["base"][:12]])) if r["base"] else "-",
-            "pinned" if r["pinned"] else "", when(r["time"])] for r in rows],
-          ["REF", "ID", "OP", "TENSORS", "SIZE", "BASE", "PIN", "CREATED"])
+    table(
+        [
+            [
+                ", ".join(r["refs"]) or "-",
+                r["id"][:12],
+                r["operation"] or "",
+                str(r["tensors"]),
+                human_bytes(r["bytes"]),
+                ", ".join(names.get(bytes.fromhex(r["base"]), [r["base"][:12]])) if r["base"] else "-",
+                "pinned" if r["pinned"] else "",
+                when(r["time"]),
+            ]
+            for r in rows
+        ],
+        ["REF", "ID", "OP", "TENSORS", "SIZE", "BASE", "PIN", "CREATED"],
+    )
 
 
 @cli.command()
@@ -208,14 +263,27 @@ def show(ctx: Context, ref: str, show_tensors: bool, as_json: bool) -> None:
     info = store.snapshot(ref)
     m = info.manifest
     names = _names_by_id(store)
-    tensors = [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "blocks": len(t.blocks),
-                "changed_blocks": sum(1 for s in t.delta if s[2]) if t.delta is not None else None,
-                "delta_l2": (sum(s[0] ** 2 for s in t.delta) ** 0.5) if t.delta is not None else None}
-               for t in m.tensors]
+    tensors = [
+        {
+            "name": t.name,
+            "dtype": t.dtype,
+            "shape": list(t.shape),
+            "blocks": len(t.blocks),
+            "changed_blocks": sum(1 for s in t.delta if s[2]) if t.delta is not None else None,
+            "delta_l2": (sum(s[0] ** 2 for s in t.delta) ** 0.5) if t.delta is not None else None,
+        }
+        for t in m.tensors
+    ]
     doc = {
-        "id": info.id.hex(), "refs": names.get(info.id, []), "time": info.time, "pinned": info.id in store.pins(),
-        "base": m.base.hex() if m.base else None, "parents": [p.hex() for p in m.parents],
-        "operation": m.operation, "block_bytes": m.block_bytes, "bytes": m.file_bytes,
+        "id": info.id.hex(),
+        "refs": names.get(info.id, []),
+        "time": info.time,
+        "pinned": info.id in store.pins(),
+        "base": m.base.hex() if m.base else None,
+        "parents": [p.hex() for p in m.parents],
+        "operation": m.operation,
+        "block_bytes": m.block_bytes,
+        "bytes": m.file_bytes,
         "tensor_bytes": m.tensor_bytes,
         "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in m.files],
         "tensors": tensors,
@@ -234,16 +302,29 @@ def show(ctx: Context, ref: str, show_tensors: bool, as_json: bool) -> None:
         click.echo(f"  {human_bytes(f.size):>10}  {f.path}")
     if show_tensors:
         click.echo("tensors:")
-        table([[t["name"], t["dtype"], "x".join(map(str, t["shape"])) or "scalar", str(t["blocks"]),
-                "-" if t["changed_blocks"] is None else f"{t['changed_blocks']}/{t['blocks']}"] for t in tensors],
-              ["NAME", "DTYPE", "SHAPE", "BLOCKS", "CHANGED"])
+        table(
+            [
+                [
+                    t["name"],
+                    t["dtype"],
+                    "x".join(map(str, t["shape"])) or "scalar",
+                    str(t["blocks"]),
+                    "-" if t["changed_blocks"] is None else f"{t['changed_blocks']}/{t['blocks']}",
+                ]
+                for t in tensors
+            ],
+            ["NAME", "DTYPE", "SHAPE", "BLOCKS", "CHANGED"],
+        )
 
 
 @cli.command()
 @click.argument("ref")
 @click.argument("outdir", type=click.Path(path_type=Path))
-@click.option("--shard-size", default=None, help="Write safetensors weights as new shards of at most this "
-                                                 "size (e.g. 2GB), with an index; default: as stored.")
+@click.option(
+    "--shard-size",
+    default=None,
+    help="Write safetensors weights as new shards of at most this size (e.g. 2GB), with an index; default: as stored.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (no progress bar).")
 @pass_ctx
 def export(ctx: Context, ref: str, outdir: Path, shard_size: str | None, as_json: bool) -> None:
@@ -258,12 +339,21 @@ def export(ctx: Context, ref: str, outdir: Path, shard_size: str | None, as_json
     with ProgressBar(manifest.file_bytes, f"export {ref}", not as_json) as bar:
         result = store.export(ref, outdir, progress=bar, shard_bytes=shard_bytes)
     if as_json:
-        emit_json({"id": result.id.hex(), "outdir": str(outdir), "files": result.files, "bytes": result.bytes,
-                   "seconds": round(result.seconds, 3)})
+        emit_json(
+            {
+                "id": result.id.hex(),
+                "outdir": str(outdir),
+                "files": result.files,
+                "bytes": result.bytes,
+                "seconds": round(result.seconds, 3),
+            }
+        )
     else:
         rate = result.bytes / result.seconds / 1e6 if result.seconds else 0
-        click.echo(f"exported {short(result.id)} to {outdir}: {result.files} files, "
-                   f"{human_bytes(result.bytes)} ({rate:.0f} MB/s)")
+        click.echo(
+            f"exported {short(result.id)} to {outdir}: {result.files} files, "
+            f"{human_bytes(result.bytes)} ({rate:.0f} MB/s)"
+        )
 
 
 @cli.command()
@@ -276,20 +366,46 @@ def du(ctx: Context, as_json: bool) -> None:
         emit_json(usage.as_dict())
         return
     d = usage.as_dict()
-    click.echo(f"store:    {human_bytes(usage.total_bytes)} on disk (packs {human_bytes(usage.pack_bytes)}, "
-               f"index {human_bytes(usage.index_bytes)}, log {human_bytes(usage.log_bytes)})")
-    click.echo(f"models:   {human_bytes(usage.logical_bytes)} as folders"
-               + (f"; stored at {100 * d['ratio']:.1f}% of that" if d["ratio"] else ""))
-    click.echo(f"blocks:   {usage.blocks} distinct, {human_bytes(usage.block_raw_bytes)} raw -> "
-               f"{human_bytes(usage.block_stored_bytes)} stored")
-    table([[codec, str(v["blocks"]), human_bytes(v["raw_bytes"]), human_bytes(v["stored_bytes"]),
-            f"{v['raw_bytes'] / max(1, v['stored_bytes']):.2f}x"] for codec, v in sorted(usage.by_codec.items())],
-          ["CODEC", "BLOCKS", "RAW", "STORED", "RATIO"])
+    click.echo(
+        f"store:    {human_bytes(usage.total_bytes)} on disk (packs {human_bytes(usage.pack_bytes)}, "
+        f"index {human_bytes(usage.index_bytes)}, log {human_bytes(usage.log_bytes)})"
+    )
+    click.echo(
+        f"models:   {human_bytes(usage.logical_bytes)} as folders"
+        + (f"; stored at {100 * d['ratio']:.1f}% of that" if d["ratio"] else "")
+    )
+    click.echo(
+        f"blocks:   {usage.blocks} distinct, {human_bytes(usage.block_raw_bytes)} raw -> "
+        f"{human_bytes(usage.block_stored_bytes)} stored"
+    )
+    table(
+        [
+            [
+                codec,
+                str(v["blocks"]),
+                human_bytes(v["raw_bytes"]),
+                human_bytes(v["stored_bytes"]),
+                f"{v['raw_bytes'] / max(1, v['stored_bytes']):.2f}x",
+            ]
+            for codec, v in sorted(usage.by_codec.items())
+        ],
+        ["CODEC", "BLOCKS", "RAW", "STORED", "RATIO"],
+    )
     if usage.snapshots:
         click.echo("")
-        table([[", ".join(s.refs) or "-", s.id[:12], human_bytes(s.logical_bytes), human_bytes(s.stored_bytes),
-                human_bytes(s.exclusive_bytes)] for s in usage.snapshots],
-              ["REF", "ID", "LOGICAL", "REFERENCED", "EXCLUSIVE"])
+        table(
+            [
+                [
+                    ", ".join(s.refs) or "-",
+                    s.id[:12],
+                    human_bytes(s.logical_bytes),
+                    human_bytes(s.stored_bytes),
+                    human_bytes(s.exclusive_bytes),
+                ]
+                for s in usage.snapshots
+            ],
+            ["REF", "ID", "LOGICAL", "REFERENCED", "EXCLUSIVE"],
+        )
 
 
 @cli.command()
@@ -305,9 +421,11 @@ def fsck(ctx: Context, as_json: bool) -> None:
     else:
         for problem in report.problems:
             click.echo(f"DAMAGE: {problem}")
-        click.echo(f"{'ok' if report.ok else 'damaged'}: {report.snapshots} snapshots, {report.packs} packs, "
-                   f"{report.blocks_checked} blocks ({human_bytes(report.bytes_checked)}) checked, "
-                   f"{len(report.problems)} problems")
+        click.echo(
+            f"{'ok' if report.ok else 'damaged'}: {report.snapshots} snapshots, {report.packs} packs, "
+            f"{report.blocks_checked} blocks ({human_bytes(report.bytes_checked)}) checked, "
+            f"{len(report.problems)} problems"
+        )
     if not report.ok:
         sys.exit(EXIT_ERROR)
 
@@ -344,8 +462,16 @@ def log(ctx: Context, ref: str | None, as_json: bool, dot: bool) -> None:
                 continue
             chain.append(info)
             todo.extend(info.manifest.parents)
-    docs = [{"id": i.id.hex(), "refs": names.get(i.id, []), "time": i.time, "operation": i.manifest.operation,
-             "parents": [p.hex() for p in i.manifest.parents]} for i in chain]
+    docs = [
+        {
+            "id": i.id.hex(),
+            "refs": names.get(i.id, []),
+            "time": i.time,
+            "operation": i.manifest.operation,
+            "parents": [p.hex() for p in i.manifest.parents],
+        }
+        for i in chain
+    ]
     if as_json:
         emit_json(docs)
         return
@@ -372,17 +498,38 @@ def log(ctx: Context, ref: str | None, as_json: bool, dot: bool) -> None:
 @cli.command()
 @click.argument("config", type=click.Path(path_type=Path))
 @click.option("--name", help="Ref to create for the merged snapshot, e.g. merged/v1.")
-@click.option("--seed", default=0, show_default=True, type=int,
-              help="Seed of randomized methods (dare_*, della*): the same seed gives the same merge.")
-@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
-              help="Where the arithmetic runs.")
+@click.option(
+    "--seed",
+    default=0,
+    show_default=True,
+    type=int,
+    help="Seed of randomized methods (dare_*, della*): the same seed gives the same merge.",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "cuda", "auto"]),
+    default="cpu",
+    show_default=True,
+    help="Where the arithmetic runs.",
+)
 @click.option("--shard-size", default="5GB", show_default=True, help="Largest safetensors shard of the output.")
-@click.option("--explain", is_flag=True, help="Print the plan (per tensor: operator, inputs, parameters); read no data.")
+@click.option(
+    "--explain", is_flag=True, help="Print the plan (per tensor: operator, inputs, parameters); read no data."
+)
 @click.option("--force", is_flag=True, help="Move --name if it already points elsewhere.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result (or the plan) as JSON; no progress bar.")
 @pass_ctx
-def merge(ctx: Context, config: Path, name: str | None, seed: int, device: str, shard_size: str, explain: bool,
-          force: bool, as_json: bool) -> None:
+def merge(
+    ctx: Context,
+    config: Path,
+    name: str | None,
+    seed: int,
+    device: str,
+    shard_size: str,
+    explain: bool,
+    force: bool,
+    as_json: bool,
+) -> None:
     """Merge models as a mergekit YAML CONFIG says, and commit the result as a snapshot.
 
     CONFIG is a mergekit configuration, unchanged (merge_method, base_model, models or slices,
@@ -399,12 +546,15 @@ def merge(ctx: Context, config: Path, name: str | None, seed: int, device: str, 
         raise UserError(f"{config}: cannot read: {exc.strerror}") from None
     store = ctx.store
     notify = None if as_json else (lambda model: click.echo(f"ingesting {model} (not in the store yet)", err=True))
-    plan = plan_merge(store, text, source=str(config), config_dir=config.parent, ingest=not explain,
-                      on_ingest=notify)
+    plan = plan_merge(store, text, source=str(config), config_dir=config.parent, ingest=not explain, on_ingest=notify)
     if explain:
         rows = [tp.describe() for tp in plan.tensors]
-        doc = {"method": plan.method.name, "base_model": plan.base,
-               "inputs": {m: sid.hex() for m, sid in plan.models.items()}, "tensors": rows}
+        doc = {
+            "method": plan.method.name,
+            "base_model": plan.base,
+            "inputs": {m: sid.hex() for m, sid in plan.models.items()},
+            "tensors": rows,
+        }
         if as_json:
             emit_json(doc)
             return
@@ -414,7 +564,9 @@ def merge(ctx: Context, config: Path, name: str | None, seed: int, device: str, 
         for tp in plan.tensors:
             op = "copy" if tp.copy_from is not None else plan.method.name
             shared = ", ".join(f"{k}={v}" for k, v in tp.shared.items())
-            click.echo(f"{tp.name} [{'x'.join(map(str, tp.shape))} {tp.out_dtype}] {op}" + (f" ({shared})" if shared else ""))
+            click.echo(
+                f"{tp.name} [{'x'.join(map(str, tp.shape))} {tp.out_dtype}] {op}" + (f" ({shared})" if shared else "")
+            )
             for k, inp in enumerate(tp.inputs):
                 params = ", ".join(f"{p}={v}" for p, v in tp.per_input[k].items())
                 mark = " (base)" if k == tp.base_index else ""
@@ -422,22 +574,40 @@ def merge(ctx: Context, config: Path, name: str | None, seed: int, device: str, 
         return
     from tqdm import tqdm
 
-    bar = tqdm(total=len(plan.tensors), desc="merge", unit="tensor", file=sys.stderr, leave=False,
-               disable=as_json or not sys.stderr.isatty())
+    bar = tqdm(
+        total=len(plan.tensors),
+        desc="merge",
+        unit="tensor",
+        file=sys.stderr,
+        leave=False,
+        disable=as_json or not sys.stderr.isatty(),
+    )
     try:
-        result = run_merge(store, plan, name, seed=seed, device=device, shard_bytes=_parse_size(shard_size),
-                           force=force, progress=lambda _t: bar.update(1))
+        result = run_merge(
+            store,
+            plan,
+            name,
+            seed=seed,
+            device=device,
+            shard_bytes=_parse_size(shard_size),
+            force=force,
+            progress=lambda _t: bar.update(1),
+        )
     finally:
         bar.close()
     if as_json:
         emit_json(result.as_dict())
         return
-    click.echo(f"{short(result.id)} {name or '(no ref)'}: {plan.method.name} of {len(plan.models)} models, "
-               f"{result.tensors} tensors in {result.seconds:.1f} s")
-    click.echo(f"  read {human_bytes(result.bytes_read)} (base {human_bytes(result.bytes_read_base)}, experts "
-               f"{human_bytes(result.bytes_read_experts)}), {result.blocks_read} blocks; skipped "
-               f"{result.blocks_skipped['same_as_base']} same as base, {result.blocks_skipped['shared']} shared; "
-               f"wrote {human_bytes(result.written_bytes)}")
+    click.echo(
+        f"{short(result.id)} {name or '(no ref)'}: {plan.method.name} of {len(plan.models)} models, "
+        f"{result.tensors} tensors in {result.seconds:.1f} s"
+    )
+    click.echo(
+        f"  read {human_bytes(result.bytes_read)} (base {human_bytes(result.bytes_read_base)}, experts "
+        f"{human_bytes(result.bytes_read_experts)}), {result.blocks_read} blocks; skipped "
+        f"{result.blocks_skipped['same_as_base']} same as base, {result.blocks_skipped['shared']} shared; "
+        f"wrote {human_bytes(result.written_bytes)}"
+    )
 
 
 @cli.command()
@@ -453,9 +623,11 @@ def gc(ctx: Context, no_wait: bool, as_json: bool) -> None:
     if as_json:
         emit_json(report.as_dict())
         return
-    click.echo(f"removed {report.snapshots_removed} snapshots and {report.blocks_removed} blocks; rewrote "
-               f"{report.packs_rewritten} packs, deleted {report.orphan_packs_removed} orphan packs; "
-               f"freed {human_bytes(report.bytes_freed)}")
+    click.echo(
+        f"removed {report.snapshots_removed} snapshots and {report.blocks_removed} blocks; rewrote "
+        f"{report.packs_rewritten} packs, deleted {report.orphan_packs_removed} orphan packs; "
+        f"freed {human_bytes(report.bytes_freed)}"
+    )
 
 
 @cli.command()

@@ -36,11 +36,30 @@ if TYPE_CHECKING:
 ENGINE_VERSION = "mpexec 0.1.0"
 DEFAULT_SHARD_BYTES = 5 * 10**9  # mergekit's default --out-shard-size
 # Methods whose output equals the base wherever every input equals the base (a zero delta adds nothing).
-DELTA_METHODS = {"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
-                 "della", "della_linear", "sce"}
+DELTA_METHODS = {
+    "task_arithmetic",
+    "ties",
+    "dare_ties",
+    "dare_linear",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+    "sce",
+}
 # Files of the base (or tokenizer source) that a merged model carries along, as mergekit does.
-TAGALONG = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-            "tokenizer.model", "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+TAGALONG = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
 TORCH_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 
@@ -60,10 +79,16 @@ class MergeResult:
 
     def as_dict(self) -> dict:
         return {
-            "id": self.id.hex(), "name": self.name, "tensors": self.tensors, "bytes_read": self.bytes_read,
-            "bytes_read_base": self.bytes_read_base, "bytes_read_experts": self.bytes_read_experts,
-            "blocks_read": self.blocks_read, "blocks_skipped": dict(self.blocks_skipped),
-            "tensors_passed_through": self.tensors_passed_through, "written_bytes": self.written_bytes,
+            "id": self.id.hex(),
+            "name": self.name,
+            "tensors": self.tensors,
+            "bytes_read": self.bytes_read,
+            "bytes_read_base": self.bytes_read_base,
+            "bytes_read_experts": self.bytes_read_experts,
+            "blocks_read": self.blocks_read,
+            "blocks_skipped": dict(self.blocks_skipped),
+            "tensors_passed_through": self.tensors_passed_through,
+            "written_bytes": self.written_bytes,
             "seconds": round(self.seconds, 3),
         }
 
@@ -104,8 +129,9 @@ class _Reader:
         return self.store.packs.bytes_read - before
 
 
-def _gather(store: "Store", tp: TensorPlan, entries: list[TensorEntry], reader: _Reader,
-            result: MergeResult) -> dict[bytes, bytes]:
+def _gather(
+    store: "Store", tp: TensorPlan, entries: list[TensorEntry], reader: _Reader, result: MergeResult
+) -> dict[bytes, bytes]:
     """The raw bytes of every distinct block of the inputs, each read once (base first)."""
     cache: dict[bytes, bytes] = {}
     order = list(range(len(entries)))
@@ -151,13 +177,24 @@ def _carried_files(store: "Store", plan: MergePlan, out_dtypes: set[str], sink: 
 
 
 def _literal_file(path: str, data: bytes, store: "Store", sink: BlockSink) -> FileEntry:
-    return FileEntry(path, len(data), hashlib.sha256(data).hexdigest(),
-                     (Segment(blocks=store_literal(store, data, sink), size=len(data)),))
+    return FileEntry(
+        path,
+        len(data),
+        hashlib.sha256(data).hexdigest(),
+        (Segment(blocks=store_literal(store, data, sink), size=len(data)),),
+    )
 
 
-def execute_plan(store: "Store", plan: MergePlan, name: str | None, seed: int = 0, device: str = "cpu",
-                 shard_bytes: int = DEFAULT_SHARD_BYTES, force: bool = False,
-                 progress: Callable[[str], None] | None = None) -> MergeResult:
+def execute_plan(
+    store: "Store",
+    plan: MergePlan,
+    name: str | None,
+    seed: int = 0,
+    device: str = "cpu",
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    force: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> MergeResult:
     """Run the plan and commit the merged snapshot (and `name`, if given) atomically."""
     from mpstore.store import check_ref_name
 
@@ -172,14 +209,25 @@ def execute_plan(store: "Store", plan: MergePlan, name: str | None, seed: int = 
         return _execute(store, plan, name, old, seed, dev, shard_bytes, progress, started)
 
 
-def _execute(store: "Store", plan: MergePlan, name: str | None, old: bytes | None, seed: int, dev: torch.device,
-             shard_bytes: int, progress: Callable[[str], None] | None, started: float) -> MergeResult:
+def _execute(
+    store: "Store",
+    plan: MergePlan,
+    name: str | None,
+    old: bytes | None,
+    seed: int,
+    dev: torch.device,
+    shard_bytes: int,
+    progress: Callable[[str], None] | None,
+    started: float,
+) -> MergeResult:
     result = MergeResult(id=b"", name=name)
     manifests = {sid: store.manifest(sid) for sid in set(plan.models.values())}
     base_manifest = manifests[plan.base_snapshot] if plan.base_snapshot else None
     by_name = {tp.name: tp for tp in plan.tensors}
-    shards = [[by_name[n] for n in group]
-              for group in plan_shards([(tp.name, _nbytes(tp)) for tp in plan.tensors], shard_bytes)]
+    shards = [
+        [by_name[n] for n in group]
+        for group in plan_shards([(tp.name, _nbytes(tp)) for tp in plan.tensors], shard_bytes)
+    ]
     paths = shard_names(len(shards))
     sink = BlockSink(store)
     out_entries: dict[str, TensorEntry] = {}
@@ -191,15 +239,17 @@ def _execute(store: "Store", plan: MergePlan, name: str | None, old: bytes | Non
                 prefix = build_prefix([(tp.name, tp.out_dtype, tp.shape) for tp in shard])
                 size = len(prefix)
                 for tp in shard:
-                    _merge_one(store, plan, tp, manifests, base_manifest, reader, pool, sink, seed, dev,
-                               result, out_entries)
+                    _merge_one(
+                        store, plan, tp, manifests, base_manifest, reader, pool, sink, seed, dev, result, out_entries
+                    )
                     size += _nbytes(tp)
                     result.tensors += 1
                     if progress:
                         progress(tp.name)
                 path = paths[shard_index]
-                segments = (Segment(blocks=store_literal(store, prefix, sink), size=len(prefix)),) + \
-                    tuple(Segment(tensor=tp.name) for tp in shard)
+                segments = (Segment(blocks=store_literal(store, prefix, sink), size=len(prefix)),) + tuple(
+                    Segment(tensor=tp.name) for tp in shard
+                )
                 # No file checksum: it would mean reading every passed-through block; export checks
                 # each block against its id instead (FORMAT.md, section 6).
                 files.append(FileEntry(path, size, None, segments))
@@ -226,22 +276,44 @@ def _execute(store: "Store", plan: MergePlan, name: str | None, old: bytes | Non
             "seed": seed,
             "inputs": {model: sid.hex() for model, sid in plan.models.items()},
             "base_model": plan.base,
-            "resolved": [{"tensor": tp.name, "parameters": tp.shared,
-                          "inputs": [{"model": i.model, "tensor": i.tensor, "parameters": tp.per_input[k]}
-                                     for k, i in enumerate(tp.inputs)]} for tp in plan.tensors],
+            "resolved": [
+                {
+                    "tensor": tp.name,
+                    "parameters": tp.shared,
+                    "inputs": [
+                        {"model": i.model, "tensor": i.tensor, "parameters": tp.per_input[k]}
+                        for k, i in enumerate(tp.inputs)
+                    ],
+                }
+                for tp in plan.tensors
+            ],
         },
     )
     result.id = manifest.id
-    store.commit(Commit(manifests=[manifest.encode()], refs={name: result.id} if name else {},
-                        message=f"merge {plan.method.name}"),
-                 expect={name: old} if name else None)
+    store.commit(
+        Commit(
+            manifests=[manifest.encode()], refs={name: result.id} if name else {}, message=f"merge {plan.method.name}"
+        ),
+        expect={name: old} if name else None,
+    )
     result.seconds = time.monotonic() - started
     return result
 
 
-def _merge_one(store, plan: MergePlan, tp: TensorPlan, manifests, base_manifest, reader: _Reader,
-               pool: ThreadPoolExecutor, sink: BlockSink, seed: int, dev: torch.device, result: MergeResult,
-               out_entries: dict[str, TensorEntry]) -> None:
+def _merge_one(
+    store,
+    plan: MergePlan,
+    tp: TensorPlan,
+    manifests,
+    base_manifest,
+    reader: _Reader,
+    pool: ThreadPoolExecutor,
+    sink: BlockSink,
+    seed: int,
+    dev: torch.device,
+    result: MergeResult,
+    out_entries: dict[str, TensorEntry],
+) -> None:
     """Merge one output tensor, write its blocks and record its entry."""
     entries = [manifests[i.snapshot].tensor_map()[i.tensor] for i in tp.inputs]
     base_entry = base_manifest.tensor_map().get(tp.name) if base_manifest else None
@@ -249,24 +321,34 @@ def _merge_one(store, plan: MergePlan, tp: TensorPlan, manifests, base_manifest,
         base_entry = None  # blocks would not line up: no XOR reference, no statistics
     # An output that is exactly one input's tensor keeps that input's blocks: nothing read or written.
     passthrough = tp.copy_from
-    if passthrough is None and plan.method.name in DELTA_METHODS and tp.base_index is not None \
-            and identity_on_equal_inputs(plan.method.name, tp.shared) \
-            and all(e.blocks == entries[tp.base_index].blocks for e in entries) \
-            and entries[tp.base_index].dtype == tp.out_dtype:
+    if (
+        passthrough is None
+        and plan.method.name in DELTA_METHODS
+        and tp.base_index is not None
+        and identity_on_equal_inputs(plan.method.name, tp.shared)
+        and all(e.blocks == entries[tp.base_index].blocks for e in entries)
+        and entries[tp.base_index].dtype == tp.out_dtype
+    ):
         passthrough = tp.base_index
     if passthrough is not None and entries[passthrough].dtype == tp.out_dtype:
         source = entries[passthrough]
         result.tensors_passed_through += 1
         result.blocks_skipped["same_as_base"] += sum(len(e.blocks) for k, e in enumerate(entries) if k != passthrough)
-        out_entries[tp.name] = TensorEntry(tp.name, tp.out_dtype, tp.shape, source.blocks,
-                                           _zero_stats(source) if base_entry is not None and
-                                           base_entry.blocks == source.blocks else None)
+        out_entries[tp.name] = TensorEntry(
+            tp.name,
+            tp.out_dtype,
+            tp.shape,
+            source.blocks,
+            _zero_stats(source) if base_entry is not None and base_entry.blocks == source.blocks else None,
+        )
         return
     cache = _gather(store, tp, entries, reader, result)
     compute = TORCH_DTYPES[tp.compute_dtype]
     # One input at a time: its bytes are joined once and dropped when converted.
-    tensors = [to_torch(bytearray(b"".join(cache[b] for b in e.blocks)), e.dtype, e.shape).to(device=dev, dtype=compute)
-               for e in entries]
+    tensors = [
+        to_torch(bytearray(b"".join(cache[b] for b in e.blocks)), e.dtype, e.shape).to(device=dev, dtype=compute)
+        for e in entries
+    ]
     cache = {b: cache[b] for b in base_entry.blocks} if base_entry is not None else {}  # kept for XOR coding
     generator = torch.Generator().manual_seed(tensor_seed(seed, tp.name)) if plan.method.randomized else None
     merged = merge_tensor(plan.method.name, tensors, tp.base_index, tp.shared, tp.per_input, generator)
@@ -276,8 +358,10 @@ def _merge_one(store, plan: MergePlan, tp: TensorPlan, manifests, base_manifest,
     dtype = dtype_named(tp.out_dtype)
     chunks = split_blocks(memoryview(raw_out), dtype, store.block_bytes)
     base_blocks = base_entry.blocks if base_entry is not None else [None] * len(chunks)
-    jobs = [pool.submit(process_block, store, dtype, chunk, None, bb, sink, cache.get(bb) if bb else None)
-            for chunk, bb in zip(chunks, base_blocks)]
+    jobs = [
+        pool.submit(process_block, store, dtype, chunk, None, bb, sink, cache.get(bb) if bb else None)
+        for chunk, bb in zip(chunks, base_blocks)
+    ]
     ids, stats = [], []
     for chunk, job in zip(chunks, jobs):
         bid, st, encoded = job.result()
@@ -286,8 +370,9 @@ def _merge_one(store, plan: MergePlan, tp: TensorPlan, manifests, base_manifest,
             sink.add(bid, codec, dtype.group_width, len(chunk), payload, ref)
         ids.append(bid)
         stats.append(st)
-    out_entries[tp.name] = TensorEntry(tp.name, tp.out_dtype, tp.shape, tuple(ids),
-                                       tuple(stats) if base_entry is not None else None)
+    out_entries[tp.name] = TensorEntry(
+        tp.name, tp.out_dtype, tp.shape, tuple(ids), tuple(stats) if base_entry is not None else None
+    )
 
 
 def _zero_stats(entry: TensorEntry) -> tuple:

@@ -16,8 +16,13 @@ if TYPE_CHECKING:
     from mpstore import Store
 
 
-def resolve_models(store: "Store", query: MergeQuery, config_dir: Path | None, ingest: bool,
-                   on_ingest: Callable[[str], None] | None = None) -> dict[str, bytes]:
+def resolve_models(
+    store: "Store",
+    query: MergeQuery,
+    config_dir: Path | None,
+    ingest: bool,
+    on_ingest: Callable[[str], None] | None = None,
+) -> dict[str, bytes]:
     """Each model string -> snapshot id: a ref, a snapshot id prefix, or a model folder.
 
     A folder not yet in the store is ingested first (its base detected with --base auto) unless
@@ -38,16 +43,24 @@ def resolve_models(store: "Store", query: MergeQuery, config_dir: Path | None, i
         if not path.is_dir():
             raise QueryError(f"model {model}: not a ref, a snapshot id or a model folder (see `mpstore ls`)")
         if not ingest:
-            raise QueryError(f"model {model}: folder not in the store yet; ingest it first "
-                             f"(`mpstore ingest {model} --name NAME --base auto`) or run without --explain")
+            raise QueryError(
+                f"model {model}: folder not in the store yet; ingest it first "
+                f"(`mpstore ingest {model} --name NAME --base auto`) or run without --explain"
+            )
         if on_ingest:
             on_ingest(model)
         models[model] = store.ingest(path, base="auto").id
     return models
 
 
-def plan_merge(store: "Store", text: str, source: str = "config", config_dir: Path | None = None,
-               ingest: bool = True, on_ingest: Callable[[str], None] | None = None) -> MergePlan:
+def plan_merge(
+    store: "Store",
+    text: str,
+    source: str = "config",
+    config_dir: Path | None = None,
+    ingest: bool = True,
+    on_ingest: Callable[[str], None] | None = None,
+) -> MergePlan:
     """Parse and plan a merge; raises QueryError (one line) before any tensor data is read."""
     query = parse_query(text, source)
     from .methods import get_method
@@ -57,8 +70,16 @@ def plan_merge(store: "Store", text: str, source: str = "config", config_dir: Pa
     return build_plan(store, query, models)
 
 
-def run_merge(store: "Store", plan: MergePlan, name: str | None, seed: int = 0, device: str = "cpu",
-              shard_bytes: int = DEFAULT_SHARD_BYTES, force: bool = False,
-              progress: Callable[[str], None] | None = None) -> MergeResult:
-    return execute_plan(store, plan, name, seed=seed, device=device, shard_bytes=shard_bytes, force=force,
-                        progress=progress)
+def run_merge(
+    store: "Store",
+    plan: MergePlan,
+    name: str | None,
+    seed: int = 0,
+    device: str = "cpu",
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    force: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> MergeResult:
+    return execute_plan(
+        store, plan, name, seed=seed, device=device, shard_bytes=shard_bytes, force=force, progress=progress
+    )

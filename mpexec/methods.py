@@ -104,8 +104,20 @@ def _short(value: Any) -> str:
 
 # --- parameter values, coerced the way pydantic 2 (lax mode) does for mergekit's annotations ---------
 
-_BOOL_WORDS = {"0": False, "off": False, "f": False, "false": False, "n": False, "no": False,
-               "1": True, "on": True, "t": True, "true": True, "y": True, "yes": True}
+_BOOL_WORDS = {
+    "0": False,
+    "off": False,
+    "f": False,
+    "false": False,
+    "n": False,
+    "no": False,
+    "1": True,
+    "on": True,
+    "t": True,
+    "true": True,
+    "y": True,
+    "yes": True,
+}
 _INT_TEXT = re.compile(r"[+-]?\d+(?:_\d+)*(?:\.0+)?")
 
 
@@ -236,8 +248,9 @@ class MethodSpec:
             raise QueryError(_where(where, f"{self.name} does not accept a base model"))
         self._check_count("inputs", n_inputs, self.min_inputs, self.max_inputs, where)
         if self.min_non_base is not None or self.max_non_base is not None:
-            self._check_count("non-base inputs", n_inputs - int(has_base), self.min_non_base or 0,
-                              self.max_non_base, where)
+            self._check_count(
+                "non-base inputs", n_inputs - int(has_base), self.min_non_base or 0, self.max_non_base, where
+            )
 
     def _check_count(self, what: str, count: int, minimum: int, maximum: int | None, where: str) -> None:
         if count < minimum or (maximum is not None and count > maximum):
@@ -250,8 +263,7 @@ class MethodSpec:
             noun = what[:-1] if bound == 1 else what  # "1 input", "2 inputs"
             raise QueryError(_where(where, f"{self.name} requires {expectation} {noun}; got {count}"))
 
-    def check_values(self, shared: Mapping[str, Any], per_input: Sequence[Mapping[str, Any]],
-                     where: str = "") -> None:
+    def check_values(self, shared: Mapping[str, Any], per_input: Sequence[Mapping[str, Any]], where: str = "") -> None:
         """Checks that involve several resolved parameters (mergekit fails on them only while merging):
         della's density +/- epsilon must lie in (0, 1) whenever 0 < density < 1, and linear's weights must
         not sum to 0 when it normalizes (mergekit would divide by zero)."""
@@ -265,65 +277,121 @@ class MethodSpec:
                     _check_della(params["density"], params.get("epsilon", 0.15), _where(where, f"input {i}"))
 
 
-_ZERO_LINEAR = "linear: the weights sum to 0, so normalize: true would divide by zero (set normalize: false " \
-               "or change the weights)"
+_ZERO_LINEAR = (
+    "linear: the weights sum to 0, so normalize: true would divide by zero (set normalize: false or change the weights)"
+)
 
 
 def _check_della(density: float, epsilon: float, where: str) -> None:
     if 0 < density < 1 and (density + epsilon >= 1 or density - epsilon <= 0):
-        raise QueryError(_where(where, f"epsilon must be chosen such that density +/- epsilon is in (0, 1); "
-                                       f"got density={density}, epsilon={epsilon}"))
+        raise QueryError(
+            _where(
+                where,
+                f"epsilon must be chosen such that density +/- epsilon is in (0, 1); "
+                f"got density={density}, epsilon={epsilon}",
+            )
+        )
 
 
 # --- the registry ---------------------------------------------------------------------------------
 
-def _gta_spec(name: str, normalize: bool, rescale: bool, extra: tuple[ParamSpec, ...] = (),
-              randomized: bool = False) -> MethodSpec:
+
+def _gta_spec(
+    name: str, normalize: bool, rescale: bool, extra: tuple[ParamSpec, ...] = (), randomized: bool = False
+) -> MethodSpec:
     return MethodSpec(
         name,
-        (ParamSpec("int8_mask", bool, "shared", False),
-         ParamSpec("normalize", bool, "shared", normalize),
-         ParamSpec("rescale", bool, "shared", rescale),
-         ParamSpec("lambda", float, "shared", 1.0),
-         ParamSpec("weight", float, "non_base"),
-         ParamSpec("density", float, "non_base", 1.0)) + extra,
-        base="required", randomized=randomized)
+        (
+            ParamSpec("int8_mask", bool, "shared", False),
+            ParamSpec("normalize", bool, "shared", normalize),
+            ParamSpec("rescale", bool, "shared", rescale),
+            ParamSpec("lambda", float, "shared", 1.0),
+            ParamSpec("weight", float, "non_base"),
+            ParamSpec("density", float, "non_base", 1.0),
+        )
+        + extra,
+        base="required",
+        randomized=randomized,
+    )
 
 
 _GAMMA = (ParamSpec("gamma", float, "non_base", 0.01),)
 _EPSILON = (ParamSpec("epsilon", float, "non_base", 0.15),)
 
-METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
-    MethodSpec("linear", (ParamSpec("weight", float, "input"), ParamSpec("normalize", bool, "shared", True)),
-               base="ignored"),
-    _gta_spec("task_arithmetic", normalize=False, rescale=False),
-    _gta_spec("ties", normalize=True, rescale=False),
-    _gta_spec("dare_ties", normalize=False, rescale=True, randomized=True),
-    _gta_spec("dare_linear", normalize=False, rescale=True, randomized=True),
-    _gta_spec("breadcrumbs", normalize=False, rescale=False, extra=_GAMMA),
-    _gta_spec("breadcrumbs_ties", normalize=False, rescale=False, extra=_GAMMA),
-    _gta_spec("della", normalize=True, rescale=True, extra=_EPSILON, randomized=True),
-    _gta_spec("della_linear", normalize=False, rescale=True, extra=_EPSILON, randomized=True),
-    MethodSpec("slerp", (ParamSpec("t", float, "shared"),), base="required", min_inputs=2, max_inputs=2,
-               optional_policy="passthrough_singleton"),
-    MethodSpec("nuslerp", (ParamSpec("weight", float, "non_base"),
-                           ParamSpec("nuslerp_row_wise", bool, "shared", False),
-                           ParamSpec("nuslerp_flatten", bool, "shared", True)),
-               base="optional", min_non_base=2, max_non_base=2, optional_policy="passthrough_singleton"),
-    MethodSpec("multislerp", (ParamSpec("weight", float, "non_base"),
-                              ParamSpec("normalize_weights", bool, "shared", True),
-                              ParamSpec("eps", float, "shared", 1e-8)),
-               base="optional", min_non_base=1),
-    MethodSpec("karcher", (ParamSpec("max_iter", int, "shared", 10), ParamSpec("tol", float, "shared", 1e-5)),
-               base="ignored"),
-    MethodSpec("model_stock", (ParamSpec("filter_wise", bool, "shared", False),), base="required",
-               min_inputs=3, optional_policy="base_or_skip"),
-    MethodSpec("sce", (ParamSpec("int8_mask", bool, "shared", False),
-                       ParamSpec("select_topk", float, "shared", 1.0)), base="required"),
-    MethodSpec("nearswap", (ParamSpec("t", float, "shared"),), base="required", min_inputs=2, max_inputs=2,
-               optional_policy="passthrough_base_singleton"),
-    MethodSpec("passthrough", (ParamSpec("scale", float, "input", None),), base="ignored", max_inputs=1),
-)}
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec
+    for spec in (
+        MethodSpec(
+            "linear",
+            (ParamSpec("weight", float, "input"), ParamSpec("normalize", bool, "shared", True)),
+            base="ignored",
+        ),
+        _gta_spec("task_arithmetic", normalize=False, rescale=False),
+        _gta_spec("ties", normalize=True, rescale=False),
+        _gta_spec("dare_ties", normalize=False, rescale=True, randomized=True),
+        _gta_spec("dare_linear", normalize=False, rescale=True, randomized=True),
+        _gta_spec("breadcrumbs", normalize=False, rescale=False, extra=_GAMMA),
+        _gta_spec("breadcrumbs_ties", normalize=False, rescale=False, extra=_GAMMA),
+        _gta_spec("della", normalize=True, rescale=True, extra=_EPSILON, randomized=True),
+        _gta_spec("della_linear", normalize=False, rescale=True, extra=_EPSILON, randomized=True),
+        MethodSpec(
+            "slerp",
+            (ParamSpec("t", float, "shared"),),
+            base="required",
+            min_inputs=2,
+            max_inputs=2,
+            optional_policy="passthrough_singleton",
+        ),
+        MethodSpec(
+            "nuslerp",
+            (
+                ParamSpec("weight", float, "non_base"),
+                ParamSpec("nuslerp_row_wise", bool, "shared", False),
+                ParamSpec("nuslerp_flatten", bool, "shared", True),
+            ),
+            base="optional",
+            min_non_base=2,
+            max_non_base=2,
+            optional_policy="passthrough_singleton",
+        ),
+        MethodSpec(
+            "multislerp",
+            (
+                ParamSpec("weight", float, "non_base"),
+                ParamSpec("normalize_weights", bool, "shared", True),
+                ParamSpec("eps", float, "shared", 1e-8),
+            ),
+            base="optional",
+            min_non_base=1,
+        ),
+        MethodSpec(
+            "karcher",
+            (ParamSpec("max_iter", int, "shared", 10), ParamSpec("tol", float, "shared", 1e-5)),
+            base="ignored",
+        ),
+        MethodSpec(
+            "model_stock",
+            (ParamSpec("filter_wise", bool, "shared", False),),
+            base="required",
+            min_inputs=3,
+            optional_policy="base_or_skip",
+        ),
+        MethodSpec(
+            "sce",
+            (ParamSpec("int8_mask", bool, "shared", False), ParamSpec("select_topk", float, "shared", 1.0)),
+            base="required",
+        ),
+        MethodSpec(
+            "nearswap",
+            (ParamSpec("t", float, "shared"),),
+            base="required",
+            min_inputs=2,
+            max_inputs=2,
+            optional_policy="passthrough_base_singleton",
+        ),
+        MethodSpec("passthrough", (ParamSpec("scale", float, "input", None),), base="ignored", max_inputs=1),
+    )
+}
 
 
 def get_method(name: str) -> MethodSpec:
@@ -338,8 +406,9 @@ def get_method(name: str) -> MethodSpec:
 _RANDOM_CHUNK = 1 << 22  # uniforms drawn per step: bounds the CPU scratch; the stream does not depend on it
 
 
-def _random_keep(shape: torch.Size, p: float | torch.Tensor, device: torch.device,
-                 generator: torch.Generator | None) -> torch.Tensor:
+def _random_keep(
+    shape: torch.Size, p: float | torch.Tensor, device: torch.device, generator: torch.Generator | None
+) -> torch.Tensor:
     """Bernoulli keep mask (bool, on `device`): element j is kept when u_j < p_j, u_j ~ U[0, 1) drawn in
     float32 on the CPU from `generator` in row-major order (torch.bernoulli's CPU stream).
     `p` is a float (compared in float32) or a tensor of `shape` on `device` (compared as float32)."""
@@ -359,6 +428,7 @@ def _random_keep(shape: torch.Size, p: float | torch.Tensor, device: torch.devic
 
 
 # --- sparsification of one delta, in place (mergekit/sparsify.py) --------------------------------
+
 
 def _mask_rescale_(delta: torch.Tensor, keep: torch.Tensor, rescale: bool, eps: float = 1e-7) -> None:
     """delta *= keep; with rescale, then scale it back to its former L1 norm (unless either is < eps)."""
@@ -412,7 +482,7 @@ def _magnitude_outliers_(delta: torch.Tensor, density: float, gamma: float, resc
     n_bot = max(0, n - target_n - n_top)
     ascending = torch.sort(_magnitudes(delta), descending=False).indices  # mergekit's sort: same ties
     keep = torch.zeros(n, dtype=torch.bool, device=delta.device)
-    keep[ascending[n_bot:n_bot + target_n]] = True  # the same slice as mergekit, edge cases included
+    keep[ascending[n_bot : n_bot + target_n]] = True  # the same slice as mergekit, edge cases included
     _mask_rescale_(delta, keep.reshape(delta.shape), rescale)
 
 
@@ -438,8 +508,9 @@ def _bernoulli_(delta: torch.Tensor, density: float, rescale: bool, generator: t
         delta.copy_(work)
 
 
-def _della_(delta: torch.Tensor, density: float, epsilon: float, rescale: bool,
-            generator: torch.Generator | None) -> None:
+def _della_(
+    delta: torch.Tensor, density: float, epsilon: float, rescale: bool, generator: torch.Generator | None
+) -> None:
     """DELLA MagPrune: keep probability density - epsilon + 2 * epsilon * rank / (n - 1), ranks by
     magnitude along axis 1 (each row of a matrix; a vector is one row)."""
     if density >= 1:
@@ -489,6 +560,7 @@ def _task_arithmetic_kernel(sparsification: str | None, consensus: bool) -> Kern
     mix being a sum (normalized by the sum of weights) or, with sign consensus, a sum over the deltas
     that agree with the elected sign (normalized by their weights, per element). int8_mask only saves
     memory in mergekit; it does not change results."""
+
     def kernel(tensors, b, shared, per, generator):
         base = tensors[b]
         others = [i for i in range(len(tensors)) if i != b]
@@ -528,6 +600,7 @@ def _task_arithmetic_kernel(sparsification: str | None, consensus: bool) -> Kern
         if shared["lambda"] != 1:
             mixed *= shared["lambda"]
         return (base + mixed).to(base.dtype)
+
     return kernel
 
 
@@ -558,14 +631,24 @@ def _slerp(tensors, b, shared, per, generator):
     if n == 0:
         return ((1 - t) * a + t * c).reshape(v0.shape).to(v0.dtype)
     spans = [(s, min(n, s + _SLERP_CHUNK)) for s in range(0, n, _SLERP_CHUNK)]
-    norm_a = torch.linalg.vector_norm(torch.stack(
-        [torch.linalg.vector_norm(a[:, s:e].to(dtype), dim=1, keepdim=True) for s, e in spans]), dim=0)
-    norm_c = torch.linalg.vector_norm(torch.stack(
-        [torch.linalg.vector_norm(c[:, s:e].to(dtype), dim=1, keepdim=True) for s, e in spans]), dim=0)
+    norm_a = torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(a[:, s:e].to(dtype), dim=1, keepdim=True) for s, e in spans]), dim=0
+    )
+    norm_c = torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(c[:, s:e].to(dtype), dim=1, keepdim=True) for s, e in spans]), dim=0
+    )
     norm_a = torch.where(norm_a > 1e-8, norm_a, 1)
     norm_c = torch.where(norm_c > 1e-8, norm_c, 1)
-    dot = torch.stack([((a[:, s:e].to(dtype) / norm_a) * (c[:, s:e].to(dtype) / norm_c)).sum(dim=1, keepdim=True)
-                       for s, e in spans]).sum(dim=0).clamp(-1, 1)
+    dot = (
+        torch.stack(
+            [
+                ((a[:, s:e].to(dtype) / norm_a) * (c[:, s:e].to(dtype) / norm_c)).sum(dim=1, keepdim=True)
+                for s, e in spans
+            ]
+        )
+        .sum(dim=0)
+        .clamp(-1, 1)
+    )
     linear = dot.abs() > 0.9995
     theta = torch.acos(torch.where(linear, 0, dot))
     sin_theta = torch.sin(theta)
@@ -577,8 +660,9 @@ def _slerp(tensors, b, shared, per, generator):
     return result.reshape(v0.shape)
 
 
-def _nuslerp_pair(t: float, v0: torch.Tensor, v1: torch.Tensor, dim: int, flatten: bool,
-                  eps: float = 1e-8) -> torch.Tensor:
+def _nuslerp_pair(
+    t: float, v0: torch.Tensor, v1: torch.Tensor, dim: int, flatten: bool, eps: float = 1e-8
+) -> torch.Tensor:
     out_shape = v0.shape
     if flatten:
         v0, v1 = v0.reshape(-1), v1.reshape(-1)
@@ -630,8 +714,10 @@ def _multislerp(tensors, b, shared, per, generator):
     mean_norm = torch.norm(mean)
     if mean_norm < eps:
         if stacked.shape[0] != 2:
-            raise MergeError("multislerp: the weighted sum of the input directions is zero (antipodal inputs "
-                             "with balancing weights); use different weights")
+            raise MergeError(
+                "multislerp: the weighted sum of the input directions is zero (antipodal inputs "
+                "with balancing weights); use different weights"
+            )
         result = (stacked[0] * weights[0] + stacked[1] * weights[1]).view(stacked.shape[1:])
         return result + tensors[b] if b is not None else result
     mean = mean / mean_norm
@@ -701,7 +787,7 @@ def _model_stock(tensors, b, shared, per, generator):
     offsets = [w - w0 for w in ws]
     cosines = []
     for i, offset_a in enumerate(offsets):
-        for offset_b in offsets[i + 1:]:
+        for offset_b in offsets[i + 1 :]:
             norm_product = torch.norm(offset_a, dim=-1) * torch.norm(offset_b, dim=-1)
             cosines.append(((offset_a * offset_b).sum(dim=-1) / norm_product.clamp(min=1e-6)).clamp(-1, 1))
     del offsets
@@ -709,8 +795,11 @@ def _model_stock(tensors, b, shared, per, generator):
     count = len(ws)
     denominator = 1 + (count - 1) * cos_theta
     singular = denominator.abs() < 1e-6  # no finite estimate: keep the base there
-    t = torch.where(singular, torch.zeros_like(cos_theta),
-                    (count * cos_theta) / torch.where(singular, torch.ones_like(denominator), denominator))
+    t = torch.where(
+        singular,
+        torch.zeros_like(cos_theta),
+        (count * cos_theta) / torch.where(singular, torch.ones_like(denominator), denominator),
+    )
     average = sum(ws) / count
     return (t * average + (1 - t) * w0).reshape(out_shape)
 
@@ -783,15 +872,22 @@ assert set(_KERNELS) == set(METHODS)
 
 # --- entry points -----------------------------------------------------------------------------------
 
-def _bind(spec: MethodSpec, shared: Mapping[str, Any], per_input: Sequence[Mapping[str, Any]],
-          base_index: int | None, where: str) -> tuple[dict, list[dict]]:
+
+def _bind(
+    spec: MethodSpec,
+    shared: Mapping[str, Any],
+    per_input: Sequence[Mapping[str, Any]],
+    base_index: int | None,
+    where: str,
+) -> tuple[dict, list[dict]]:
     """Shared and per-input values with defaults filled in and coerced; required ones must be there."""
     for scope, values in [("shared", shared)] + [(f"input {i}", v) for i, v in enumerate(per_input)]:
         expected = spec.shared_params if scope == "shared" else spec.input_params
         unknown = set(values) - {p.name for p in expected}
         if unknown:
-            raise QueryError(_where(where, f"unknown {scope} parameter(s) {', '.join(sorted(unknown))} for "
-                                           f"{spec.name}"))
+            raise QueryError(
+                _where(where, f"unknown {scope} parameter(s) {', '.join(sorted(unknown))} for {spec.name}")
+            )
     bound_shared = {}
     for p in spec.shared_params:
         if p.name in shared:
@@ -820,14 +916,24 @@ def _copy_buffer(tensors: Sequence[torch.Tensor], where: str) -> torch.Tensor:
     """mergekit's copy_non_floating_buffer: a non-floating tensor is copied when all inputs agree."""
     first = tensors[0]
     if any(t.dtype != first.dtype or not torch.equal(t, first) for t in tensors[1:]):
-        raise MergeError(_where(where, "non-floating buffer differs between inputs; mergekit does not merge "
-                                       "integer or boolean tensors"))
+        raise MergeError(
+            _where(
+                where, "non-floating buffer differs between inputs; mergekit does not merge integer or boolean tensors"
+            )
+        )
     return first.clone()
 
 
-def merge_tensor(method: str, tensors: Sequence[torch.Tensor], base_index: int | None,
-                 shared: Mapping[str, Any], per_input: Sequence[Mapping[str, Any]],
-                 generator: torch.Generator | None = None, *, where: str = "") -> torch.Tensor:
+def merge_tensor(
+    method: str,
+    tensors: Sequence[torch.Tensor],
+    base_index: int | None,
+    shared: Mapping[str, Any],
+    per_input: Sequence[Mapping[str, Any]],
+    generator: torch.Generator | None = None,
+    *,
+    where: str = "",
+) -> torch.Tensor:
     """Merge one tensor with `method`, as mergekit 0.1.5 does.
 
     tensors: the inputs in input order, one shape, on one device, already in the computation dtype.
@@ -865,8 +971,16 @@ def merge_tensor(method: str, tensors: Sequence[torch.Tensor], base_index: int |
         return _KERNELS[spec.name](tensors, base_index, bound_shared, bound_per, generator)
 
 
-_DELTA_IDENTITY = {"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
-                   "della", "della_linear"}
+_DELTA_IDENTITY = {
+    "task_arithmetic",
+    "ties",
+    "dare_ties",
+    "dare_linear",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+}
 
 
 def identity_on_equal_inputs(method: str, shared: Mapping[str, Any]) -> bool:
@@ -875,8 +989,8 @@ def identity_on_equal_inputs(method: str, shared: Mapping[str, Any]) -> bool:
     Exactly (up to the sign of zeros) for the task-arithmetic family (the delta is 0; lambda must be
     finite), sce (all-zero task vectors are erased), model_stock (ratio 0 keeps the base) and slerp with
     t = 0 or 1; up to float rounding of the computation for linear with normalize (sum w*x / sum w:
-    about sum|w| / |sum w| ulp) and nearswap (a few ulp). False where it may not hold: linear without normalize (weights need not sum to
-    1), slerp with 0 < t < 1 (a tensor of norm <= 1e-8 is scaled), nuslerp without base (tiny rows),
+    about sum|w| / |sum w| ulp) and nearswap (a few ulp). False where it may not hold: linear without
+    normalize (weights need not sum to 1), slerp with 0 < t < 1 (a tensor of norm <= 1e-8 is scaled), nuslerp without base (tiny rows),
     multislerp (fails with a base and 3+ inputs), karcher (norms <= tol become 0), passthrough (scale).
     Random methods hold too: a zero delta stays zero whatever the mask. mergekit itself turns inf - inf
     into NaN, so this does not hold for tensors with inf or NaN.

@@ -52,10 +52,14 @@ class TensorPlan:
 
     def describe(self) -> dict:
         return {
-            "tensor": self.name, "shape": list(self.shape), "out_dtype": self.out_dtype,
+            "tensor": self.name,
+            "shape": list(self.shape),
+            "out_dtype": self.out_dtype,
             "operator": "copy" if self.copy_from is not None else None,
-            "inputs": [{"model": i.model, "tensor": i.tensor, "base": k == self.base_index,
-                        "parameters": self.per_input[k]} for k, i in enumerate(self.inputs)],
+            "inputs": [
+                {"model": i.model, "tensor": i.tensor, "base": k == self.base_index, "parameters": self.per_input[k]}
+                for k, i in enumerate(self.inputs)
+            ],
             "parameters": self.shared,
         }
 
@@ -119,13 +123,21 @@ def _check_parameter_names(query: MergeQuery, method: MethodSpec) -> None:
         label = f"slices[{i}]" if query.uses_slices else "models"
         scopes.append((f"{label}.parameters", out.parameters))
         for j, src in enumerate(out.sources):
-            scopes.append((f"{label}[{j}] ({src.model}).parameters" if not query.uses_slices
-                           else f"{label}.sources[{j}].parameters", src.parameters))
+            scopes.append(
+                (
+                    f"{label}[{j}] ({src.model}).parameters"
+                    if not query.uses_slices
+                    else f"{label}.sources[{j}].parameters",
+                    src.parameters,
+                )
+            )
     for where, scope in scopes:
         for name in scope:
             if name not in known:
-                raise QueryError(f"{where}: unknown parameter {name!r} for {method.name} "
-                                 f"(known: {', '.join(sorted(known)) or 'none'})")
+                raise QueryError(
+                    f"{where}: unknown parameter {name!r} for {method.name} "
+                    f"(known: {', '.join(sorted(known)) or 'none'})"
+                )
 
 
 def _promoted(dtypes: list[str]) -> str:
@@ -204,23 +216,34 @@ def build_plan(store: "Store", query: MergeQuery, models: dict[str, bytes]) -> M
         if len(shapes) > 1:
             detail = ", ".join(f"{s.model}: {list(e.shape)}" for s, e in zip(sources, entries))
             if VOCAB_WEIGHT.search(out_name):
-                raise QueryError(f"mismatched vocabulary sizes in {out_name} ({detail}); token alignment "
-                                 f"across tokenizers is not supported")
+                raise QueryError(
+                    f"mismatched vocabulary sizes in {out_name} ({detail}); token alignment "
+                    f"across tokenizers is not supported"
+                )
             raise QueryError(f"tensor {out_name} differs in shape between inputs ({detail})")
-        inputs = tuple(PlanInput(s.model, models[s.model], n, e.dtype) for s, n, e in zip(sources, input_names, entries))
+        inputs = tuple(
+            PlanInput(s.model, models[s.model], n, e.dtype) for s, n, e in zip(sources, input_names, entries)
+        )
         copy_from = None
         if any(e.dtype not in FLOAT_DTYPES for e in entries):
             copy_from = base_index if base_index is not None else 0  # mergekit's non-floating buffer rule
-        scopes_shared = [(f"slices[{slices.index(out_slice)}].parameters", out_slice.parameters),
-                         ("parameters", query.parameters)]
-        shared = {p.name: _resolve(p, scopes_shared, out_name, t, "the merge")
-                  for p in method.params if p.scope == "shared"}
+        scopes_shared = [
+            (f"slices[{slices.index(out_slice)}].parameters", out_slice.parameters),
+            ("parameters", query.parameters),
+        ]
+        shared = {
+            p.name: _resolve(p, scopes_shared, out_name, t, "the merge") for p in method.params if p.scope == "shared"
+        }
         per_input = []
         for k, (src, tname) in enumerate(zip(sources, input_names)):
             scopes = [(f"{src.model}.parameters", src.parameters)] + scopes_shared
-            per_input.append({p.name: _resolve(p, scopes, tname, t, f"model {src.model}")
-                              for p in method.params
-                              if p.scope == "input" or (p.scope == "non_base" and k != base_index)})
+            per_input.append(
+                {
+                    p.name: _resolve(p, scopes, tname, t, f"model {src.model}")
+                    for p in method.params
+                    if p.scope == "input" or (p.scope == "non_base" and k != base_index)
+                }
+            )
         if copy_from is None:
             method.check_values(shared, per_input, out_name)  # e.g. della's density +- epsilon
         dtypes = [e.dtype for e in entries]
@@ -228,8 +251,11 @@ def build_plan(store: "Store", query: MergeQuery, models: dict[str, bytes]) -> M
         out_dtype = query.out_dtype or query.dtype or _promoted(dtypes)
         if copy_from is not None:
             compute = out_dtype = entries[copy_from].dtype
-        plan.tensors.append(TensorPlan(out_name, entries[0].shape, inputs, base_index, shared,
-                                       tuple(per_input), compute, out_dtype, copy_from))
+        plan.tensors.append(
+            TensorPlan(
+                out_name, entries[0].shape, inputs, base_index, shared, tuple(per_input), compute, out_dtype, copy_from
+            )
+        )
 
     first, last = slices[0], slices[-1]
     ref_arch = archs[first.base_model or first.sources[0].model]
@@ -248,8 +274,12 @@ def build_plan(store: "Store", query: MergeQuery, models: dict[str, bytes]) -> M
                     raise QueryError(f"model {src.model} has no layer {r[0] + offset}")
             template_src = out_slice.sources[0]
             for prefix, suffix in archs[template_src.model].layers[ranges[0][0] + offset]:
-                add(f"{prefix}.{out_layer}.{suffix}", out_slice,
-                    [f"{prefix}.{r[0] + offset}.{suffix}" for r in ranges], t)
+                add(
+                    f"{prefix}.{out_layer}.{suffix}",
+                    out_slice,
+                    [f"{prefix}.{r[0] + offset}.{suffix}" for r in ranges],
+                    t,
+                )
             out_layer += 1
     for name in ref_arch.post:
         add(name, last, [name] * len(last.sources), 0.0)

@@ -15,10 +15,26 @@ import yaml
 
 from .methods import QueryError
 
-TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
-                  "tokenizer_source", "tokenizer"}
-DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64",
-          "fp32": "F32", "fp16": "F16", "bf16": "BF16"}
+TOP_LEVEL_KEYS = {
+    "merge_method",
+    "base_model",
+    "models",
+    "slices",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "tokenizer",
+}
+DTYPES = {
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "float64": "F64",
+    "fp32": "F32",
+    "fp16": "F16",
+    "bf16": "BF16",
+}
 
 # A parameter setting as written: a scalar, a gradient (list of scalars), or conditional values
 # ({value, filter} or a list of them). Kept as plain data; the planner evaluates it per tensor.
@@ -54,8 +70,11 @@ class MergeQuery:
     def referenced_models(self) -> list[str]:
         """Every model string, in first-mention order (base first)."""
         seen: list[str] = []
-        for m in [self.base_model] + [s.base_model for s in self.slices] + \
-                 [src.model for s in self.slices for src in s.sources]:
+        for m in (
+            [self.base_model]
+            + [s.base_model for s in self.slices]
+            + [src.model for s in self.slices for src in s.sources]
+        ):
             if m is not None and m not in seen:
                 seen.append(m)
         return seen
@@ -89,7 +108,9 @@ def _check_setting(setting: Any, where: str) -> None:
     if isinstance(setting, dict):
         unknown = set(setting) - {"value", "filter"}
         if unknown or "value" not in setting:
-            raise QueryError(f"{where}: a conditional value needs 'value' and optional 'filter', got keys {sorted(setting)}")
+            raise QueryError(
+                f"{where}: a conditional value needs 'value' and optional 'filter', got keys {sorted(setting)}"
+            )
         if setting.get("filter") is not None and not isinstance(setting["filter"], str):
             raise QueryError(f"{where}.filter: must be a string")
         _check_setting(setting["value"], f"{where}.value")
@@ -145,15 +166,24 @@ def parse_query(text: str, source: str = "config") -> MergeQuery:
                 entry = {"model": entry}
             if not isinstance(entry, dict) or "model" not in entry or set(entry) - {"model", "parameters"}:
                 raise QueryError(f"{where}: expected {{model: ..., parameters: ...}}")
-            sources.append(InputSlice(_model_string(entry["model"], where),
-                                      None, _parameters(entry.get("parameters"), f"{where}.parameters")))
+            sources.append(
+                InputSlice(
+                    _model_string(entry["model"], where),
+                    None,
+                    _parameters(entry.get("parameters"), f"{where}.parameters"),
+                )
+            )
         slices.append(OutputSlice(tuple(sources)))
     else:
         if not isinstance(doc["slices"], list) or not doc["slices"]:
             raise QueryError(f"{source}: slices must be a non-empty list")
         for i, out in enumerate(doc["slices"]):
             where = f"{source}: slices[{i}]"
-            if not isinstance(out, dict) or "sources" not in out or set(out) - {"sources", "base_model", "parameters", "residual_weight"}:
+            if (
+                not isinstance(out, dict)
+                or "sources" not in out
+                or set(out) - {"sources", "base_model", "parameters", "residual_weight"}
+            ):
                 raise QueryError(f"{where}: expected {{sources: [...], base_model: ..., parameters: ...}}")
             if out.get("residual_weight") is not None:
                 raise QueryError(f"{where}.residual_weight: not supported")
@@ -162,20 +192,35 @@ def parse_query(text: str, source: str = "config") -> MergeQuery:
             sources = []
             for j, src in enumerate(out["sources"]):
                 swhere = f"{where}.sources[{j}]"
-                if not isinstance(src, dict) or "model" not in src or "layer_range" not in src \
-                        or set(src) - {"model", "layer_range", "parameters"}:
+                if (
+                    not isinstance(src, dict)
+                    or "model" not in src
+                    or "layer_range" not in src
+                    or set(src) - {"model", "layer_range", "parameters"}
+                ):
                     raise QueryError(f"{swhere}: expected {{model: ..., layer_range: [start, end], parameters: ...}}")
                 lr = src["layer_range"]
-                if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in lr)
-                        and 0 <= lr[0] < lr[1]):
+                if not (
+                    isinstance(lr, list)
+                    and len(lr) == 2
+                    and all(isinstance(x, int) and not isinstance(x, bool) for x in lr)
+                    and 0 <= lr[0] < lr[1]
+                ):
                     raise QueryError(f"{swhere}.layer_range: expected [start, end] with 0 <= start < end, got {lr!r}")
-                sources.append(InputSlice(_model_string(src["model"], swhere), (lr[0], lr[1]),
-                                          _parameters(src.get("parameters"), f"{swhere}.parameters")))
+                sources.append(
+                    InputSlice(
+                        _model_string(src["model"], swhere),
+                        (lr[0], lr[1]),
+                        _parameters(src.get("parameters"), f"{swhere}.parameters"),
+                    )
+                )
             lengths = {s.layer_range[1] - s.layer_range[0] for s in sources}
             if len(lengths) != 1:
                 raise QueryError(f"{where}: all sources of a slice must span the same number of layers")
             slice_base = _model_string(out["base_model"], f"{where}.base_model") if out.get("base_model") else None
-            slices.append(OutputSlice(tuple(sources), slice_base, _parameters(out.get("parameters"), f"{where}.parameters")))
+            slices.append(
+                OutputSlice(tuple(sources), slice_base, _parameters(out.get("parameters"), f"{where}.parameters"))
+            )
     tokenizer_source = doc.get("tokenizer_source")
     if doc.get("tokenizer") is not None:
         if tokenizer_source is not None:
@@ -187,8 +232,9 @@ def parse_query(text: str, source: str = "config") -> MergeQuery:
     if tokenizer_source is not None:
         if tokenizer_source == "union":
             raise QueryError(f"{source}: tokenizer_source 'union' is not supported (use base or a model)")
-        tokenizer_source = _model_string(tokenizer_source, f"{source}: tokenizer_source") \
-            if tokenizer_source != "base" else "base"
+        tokenizer_source = (
+            _model_string(tokenizer_source, f"{source}: tokenizer_source") if tokenizer_source != "base" else "base"
+        )
     return MergeQuery(
         text=text,
         merge_method=doc["merge_method"],

@@ -101,9 +101,19 @@ _F8_TABLES = {
     "F8_E5M2FNUZ": _fp8_table(5, 2, 16, fn=True, fnuz=True),
 }
 _PLAIN = {
-    "BOOL": np.uint8, "U8": np.uint8, "I8": np.int8, "I16": np.int16, "U16": np.uint16,
-    "F16": np.float16, "I32": np.int32, "U32": np.uint32, "F32": np.float32, "F64": np.float64,
-    "I64": np.int64, "U64": np.uint64, "C64": np.complex64,
+    "BOOL": np.uint8,
+    "U8": np.uint8,
+    "I8": np.int8,
+    "I16": np.int16,
+    "U16": np.uint16,
+    "F16": np.float16,
+    "I32": np.int32,
+    "U32": np.uint32,
+    "F32": np.float32,
+    "F64": np.float64,
+    "I64": np.int64,
+    "U64": np.uint64,
+    "C64": np.complex64,
 }
 
 

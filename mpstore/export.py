@@ -34,8 +34,9 @@ class ExportResult:
     seconds: float
 
 
-def export_snapshot(store: "Store", ref: str | bytes, outdir: Path, progress: "Progress | None" = None,
-                    shard_bytes: int | None = None) -> ExportResult:
+def export_snapshot(
+    store: "Store", ref: str | bytes, outdir: Path, progress: "Progress | None" = None, shard_bytes: int | None = None
+) -> ExportResult:
     """Write snapshot `ref` into `outdir` (new or empty).
 
     Files come back as stored. With `shard_bytes`, safetensors weights are written instead as new
@@ -56,7 +57,9 @@ def export_snapshot(store: "Store", ref: str | bytes, outdir: Path, progress: "P
         for seg in entry.segments:
             if seg.tensor is not None:
                 if seg.tensor not in tensors:
-                    raise CorruptionError(f"snapshot {sid.hex()[:12]}: file {entry.path} names missing tensor {seg.tensor!r}")
+                    raise CorruptionError(
+                        f"snapshot {sid.hex()[:12]}: file {entry.path} names missing tensor {seg.tensor!r}"
+                    )
                 parts.extend(tensors[seg.tensor].blocks)
             elif seg.literal is not None:
                 parts.append(_Literal(seg.literal))
@@ -81,8 +84,9 @@ def export_snapshot(store: "Store", ref: str | bytes, outdir: Path, progress: "P
                     else:
                         raw = next(stream)
                         if block_id(raw) != part:  # cheap (XXH3), and the only check for merged files
-                            raise CorruptionError(f"{entry.path}: block {part.hex()} does not match its id "
-                                                  f"(run `mpstore fsck`)")
+                            raise CorruptionError(
+                                f"{entry.path}: block {part.hex()} does not match its id (run `mpstore fsck`)"
+                            )
                     out.write(raw)
                     if entry.sha256 is not None:
                         digest.update(raw)
@@ -90,8 +94,9 @@ def export_snapshot(store: "Store", ref: str | bytes, outdir: Path, progress: "P
                     if progress:
                         progress(len(raw))
             if size != entry.size or (entry.sha256 is not None and digest.hexdigest() != entry.sha256):
-                raise CorruptionError(f"{entry.path}: rebuilt file does not match its recorded size and sha256 "
-                                      f"(run `mpstore fsck`)")
+                raise CorruptionError(
+                    f"{entry.path}: rebuilt file does not match its recorded size and sha256 (run `mpstore fsck`)"
+                )
         except BaseException:
             partial.unlink(missing_ok=True)  # never leave a file that could pass for complete
             raise
@@ -106,11 +111,13 @@ class _Literal(bytes):
 
 def _resharded(manifest: Manifest, shard_bytes: int) -> list[FileEntry]:
     """The snapshot's files with its safetensors weights laid out anew in shards of <= shard_bytes."""
-    weight_files = [f for f in manifest.files if f.path.endswith(".safetensors") and
-                    any(s.tensor is not None for s in f.segments)]
+    weight_files = [
+        f for f in manifest.files if f.path.endswith(".safetensors") and any(s.tensor is not None for s in f.segments)
+    ]
     if any(f.path.endswith(".bin") and any(s.tensor for s in f.segments) for f in manifest.files):
-        raise InvalidInputError("--shard-size: this snapshot stores pytorch_model.bin weights; "
-                                "re-sharding applies to safetensors only")
+        raise InvalidInputError(
+            "--shard-size: this snapshot stores pytorch_model.bin weights; re-sharding applies to safetensors only"
+        )
     if not weight_files:
         raise InvalidInputError("--shard-size: this snapshot has no safetensors weights to shard")
     tmap = manifest.tensor_map()
@@ -123,8 +130,15 @@ def _resharded(manifest: Manifest, shard_bytes: int) -> list[FileEntry]:
         segments = (Segment(literal=prefix, size=len(prefix)),) + tuple(Segment(tensor=n) for n in group)
         files.append(FileEntry(path, len(prefix) + sum(tmap[n].nbytes for n in group), None, segments))
     if len(groups) > 1:
-        index = index_json({n: path for path, group in zip(names, groups) for n in group},
-                           sum(tmap[n].nbytes for n in order))
-        files.append(FileEntry("model.safetensors.index.json", len(index), hashlib.sha256(index).hexdigest(),
-                               (Segment(literal=index, size=len(index)),)))
+        index = index_json(
+            {n: path for path, group in zip(names, groups) for n in group}, sum(tmap[n].nbytes for n in order)
+        )
+        files.append(
+            FileEntry(
+                "model.safetensors.index.json",
+                len(index),
+                hashlib.sha256(index).hexdigest(),
+                (Segment(literal=index, size=len(index)),),
+            )
+        )
     return files

@@ -37,8 +37,14 @@ class FsckReport:
         return not self.problems
 
     def as_dict(self) -> dict:
-        return {"ok": self.ok, "snapshots": self.snapshots, "blocks_checked": self.blocks_checked,
-                "bytes_checked": self.bytes_checked, "packs": self.packs, "problems": self.problems}
+        return {
+            "ok": self.ok,
+            "snapshots": self.snapshots,
+            "blocks_checked": self.blocks_checked,
+            "bytes_checked": self.bytes_checked,
+            "packs": self.packs,
+            "problems": self.problems,
+        }
 
 
 def _check_log(store: "Store", report: FsckReport) -> None:
@@ -69,8 +75,7 @@ def _check_packs(store: "Store", report: FsckReport) -> None:
             continue
         reached = last if last is not None else PACK_HEADER.size
         if reached < durable:
-            report.problems.append(
-                f"pack-{number:08d}.mpk: damaged record at offset {reached} (durable end {durable})")
+            report.problems.append(f"pack-{number:08d}.mpk: damaged record at offset {reached} (durable end {durable})")
 
 
 def _check_block(store: "Store", block: bytes) -> tuple[int, str | None]:
@@ -138,7 +143,10 @@ def fsck(store: "Store", progress: "Progress | None" = None) -> FsckReport:
             for sid, manifest in manifests.items():
                 label = sid.hex()[:12] + (f" ({', '.join(names[sid])})" if names[sid] else "")
                 owners += [f"snapshot {label} tensor {t.name}" for t in manifest.tensors if block in t.blocks]
-                owners += [f"snapshot {label} file {f.path}" for f in manifest.files
-                           if any(block in s.blocks for s in f.segments)]
+                owners += [
+                    f"snapshot {label} file {f.path}"
+                    for f in manifest.files
+                    if any(block in s.blocks for s in f.segments)
+                ]
             report.problems.append(f"block {block.hex()}: {problem}; used by: {'; '.join(owners)}")
     return report

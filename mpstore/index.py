@@ -36,8 +36,9 @@ def _acquire_env(path: Path) -> tuple[lmdb.Environment, dict]:
         entry = _shared.get(key)
         if entry is None:
             try:
-                env = lmdb.open(key, max_dbs=len(_DB_NAMES) + 1, map_size=1 << 40, subdir=True,
-                                readahead=False, max_readers=256)
+                env = lmdb.open(
+                    key, max_dbs=len(_DB_NAMES) + 1, map_size=1 << 40, subdir=True, readahead=False, max_readers=256
+                )
                 dbs = {name: env.open_db(name.encode()) for name in _DB_NAMES}
                 env.reader_check()  # free reader slots left by processes that were killed
             except lmdb.Error as exc:
@@ -183,8 +184,14 @@ class Index:
         with self.env.begin(db=self.dbs["pins"]) as txn:
             return {bytes(k) for k in txn.cursor().iternext(keys=True, values=False)}
 
-    def relocate(self, moved: dict[bytes, BlockLocation], dropped: list[bytes], old_pack: int,
-                 new_pack: int | None, new_end: int | None) -> None:
+    def relocate(
+        self,
+        moved: dict[bytes, BlockLocation],
+        dropped: list[bytes],
+        old_pack: int,
+        new_pack: int | None,
+        new_end: int | None,
+    ) -> None:
         """gc's switch from an old pack to its rewritten copy, in one transaction."""
         with self.env.begin(write=True) as txn:
             for block, loc in moved.items():

@@ -73,7 +73,7 @@ def _open_sources(model: ModelFolder) -> list[_Source]:
                 # The map outlives the file object; it is freed with the last view into it.
                 view = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
             for span in wf.header.tensors:
-                sources.append(_Source(span.name, span.dtype, span.shape, view[span.start:span.start + span.nbytes]))
+                sources.append(_Source(span.name, span.dtype, span.shape, view[span.start : span.start + span.nbytes]))
         else:
             for name, (dtype, shape, data) in wf.torch_bin.tensors.items():
                 sources.append(_Source(name, dtype, tuple(shape), memoryview(data).cast("B")))
@@ -135,8 +135,9 @@ def _choose_base(store: "Store", sources: list[_Source], ids: dict[str, list[byt
     return min(finalists, key=lambda s: (bit_distance(s[2]), s[1]))[1]
 
 
-def _resolve_base(store: "Store", base: str | None, sources: list[_Source], pool: ThreadPoolExecutor,
-                  progress: "Progress | None") -> tuple[bytes | None, dict[str, list[bytes]] | None]:
+def _resolve_base(
+    store: "Store", base: str | None, sources: list[_Source], pool: ThreadPoolExecutor, progress: "Progress | None"
+) -> tuple[bytes | None, dict[str, list[bytes]] | None]:
     if base is None:
         return None, None
     if base != "auto":
@@ -147,8 +148,14 @@ def _resolve_base(store: "Store", base: str | None, sources: list[_Source], pool
     return _choose_base(store, sources, ids), ids
 
 
-def ingest_folder(store: "Store", folder: Path, name: str | None = None, base: str | None = None,
-                  force: bool = False, progress: "Progress | None" = None) -> IngestResult:
+def ingest_folder(
+    store: "Store",
+    folder: Path,
+    name: str | None = None,
+    base: str | None = None,
+    force: bool = False,
+    progress: "Progress | None" = None,
+) -> IngestResult:
     """Ingest `folder` into `store`; `base` is a ref, 'auto', or None. Returns what was done."""
     from .store import check_ref_name
 
@@ -165,21 +172,30 @@ def ingest_folder(store: "Store", folder: Path, name: str | None = None, base: s
         return _ingest(store, model, name, old, base, progress, started)
 
 
-def _ingest(store: "Store", model: ModelFolder, name: str | None, old: bytes | None, base: str | None,
-            progress: "Progress | None", started: float) -> IngestResult:
+def _ingest(
+    store: "Store",
+    model: ModelFolder,
+    name: str | None,
+    old: bytes | None,
+    base: str | None,
+    progress: "Progress | None",
+    started: float,
+) -> IngestResult:
     workers = max(2, os.cpu_count() or 2)
     sources = _open_sources(model)
     result = IngestResult(id=b"", name=name, base=None)
-    result.input_bytes = sum(os.path.getsize(model.root / p) for p in
-                             [wf.relpath for wf in model.weight_files] + list(model.other_files))
+    result.input_bytes = sum(
+        os.path.getsize(model.root / p) for p in [wf.relpath for wf in model.weight_files] + list(model.other_files)
+    )
     with ThreadPoolExecutor(workers) as pool:
         base_id, known_ids = _resolve_base(store, base, sources, pool, progress)
         base_manifest = store.manifest(base_id) if base_id else None
         _align_with_base(sources, base_manifest, store.block_bytes)
         sink = BlockSink(store)
         try:
-            file_hashes = {rel: pool.submit(_sha256_file, model.root / rel)
-                           for rel in [wf.relpath for wf in model.weight_files]}
+            file_hashes = {
+                rel: pool.submit(_sha256_file, model.root / rel) for rel in [wf.relpath for wf in model.weight_files]
+            }
             tensors = _ingest_tensors(store, sources, known_ids, sink, pool, workers, result, progress)
             files = _ingest_files(store, model, sink, file_hashes, progress)
         finally:
@@ -195,8 +211,7 @@ def _ingest(store: "Store", model: ModelFolder, name: str | None, old: bytes | N
     )
     manifest_bytes = manifest.encode()
     result.id, result.base, result.tensors = manifest.id, base_id, len(tensors)
-    commit = Commit(manifests=[manifest_bytes], refs={name: result.id} if name else {},
-                    message=f"ingest {model.root}")
+    commit = Commit(manifests=[manifest_bytes], refs={name: result.id} if name else {}, message=f"ingest {model.root}")
     store.commit(commit, expect={name: old} if name else None)
     result.seconds = time.monotonic() - started
     return result
@@ -240,8 +255,10 @@ def _ingest_tensors(store, sources, known_ids, sink, pool, workers, result, prog
 
     for src in sources:
         chunks = split_blocks(src.data, src.dtype, store.block_bytes)
-        entries[src.name] = {"blocks": [None] * len(chunks),
-                             "delta": [None] * len(chunks) if src.base_blocks is not None else None}
+        entries[src.name] = {
+            "blocks": [None] * len(chunks),
+            "delta": [None] * len(chunks) if src.base_blocks is not None else None,
+        }
         ids = known_ids.get(src.name) if known_ids else None
         for i, raw in enumerate(chunks):
             base_block = src.base_blocks[i] if src.base_blocks is not None else None
@@ -252,9 +269,13 @@ def _ingest_tensors(store, sources, known_ids, sink, pool, workers, result, prog
     while pending:
         drain_one()
     return [
-        TensorEntry(name=src.name, dtype=src.dtype.name, shape=src.shape,
-                    blocks=tuple(entries[src.name]["blocks"]),
-                    delta=tuple(entries[src.name]["delta"]) if entries[src.name]["delta"] is not None else None)
+        TensorEntry(
+            name=src.name,
+            dtype=src.dtype.name,
+            shape=src.shape,
+            blocks=tuple(entries[src.name]["blocks"]),
+            delta=tuple(entries[src.name]["delta"]) if entries[src.name]["delta"] is not None else None,
+        )
         for src in sources
     ]
 

@@ -64,7 +64,7 @@ class Commit:
             manifests = []
             for _ in range(count):
                 (length,) = struct.unpack_from("<I", payload, pos)
-                manifests.append(payload[pos + 4:pos + 4 + length])
+                manifests.append(payload[pos + 4 : pos + 4 + length])
                 pos += 4 + length
             ops = json.loads(payload[pos:])
             return cls(
@@ -107,7 +107,9 @@ class ManifestLog:
             raise CorruptionError("manifest.log: bad header")
         _, version, _ = LOG_HEADER.unpack(head)
         if version > LOG_VERSION:
-            raise FormatVersionError(f"manifest.log: version {version} is newer than this mpstore reads ({LOG_VERSION})")
+            raise FormatVersionError(
+                f"manifest.log: version {version} is newer than this mpstore reads ({LOG_VERSION})"
+            )
 
     def size(self) -> int:
         return os.path.getsize(self.path)

@@ -48,8 +48,9 @@ class BlockLocation:
     _STRUCT = struct.Struct("<IQIIBB16s")
 
     def pack_bytes(self) -> bytes:
-        return self._STRUCT.pack(self.pack, self.offset, self.stored_len, self.raw_len,
-                                 int(self.codec), self.width, self.ref)
+        return self._STRUCT.pack(
+            self.pack, self.offset, self.stored_len, self.raw_len, int(self.codec), self.width, self.ref
+        )
 
     @classmethod
     def unpack(cls, data: bytes) -> "BlockLocation":
@@ -81,10 +82,10 @@ def parse_record(data: bytes, where: str) -> tuple[bytes, Codec, int, int, bytes
     magic, codec, width, _, raw_len, stored_len, block, ref, checksum = RECORD_HEADER.unpack_from(data)
     if magic != RECORD_MAGIC:
         raise CorruptionError(f"{where}: bad record magic")
-    payload = data[RECORD_HEADER_SIZE:RECORD_HEADER_SIZE + stored_len]
+    payload = data[RECORD_HEADER_SIZE : RECORD_HEADER_SIZE + stored_len]
     if len(payload) != stored_len:
         raise CorruptionError(f"{where}: record payload truncated")
-    if checksum64(data[:RECORD_HEADER_SIZE - 8], payload) != checksum:
+    if checksum64(data[: RECORD_HEADER_SIZE - 8], payload) != checksum:
         raise CorruptionError(f"{where}: record checksum mismatch")
     try:
         codec = Codec(codec)
@@ -213,8 +214,9 @@ class PackWriter:
     def full(self) -> bool:
         return self.end >= MAX_PACK_BYTES
 
-    def append(self, block: bytes, codec: Codec, width: int, raw_len: int, payload: bytes,
-               ref: bytes = ZERO_BLOCK_ID) -> BlockLocation:
+    def append(
+        self, block: bytes, codec: Codec, width: int, raw_len: int, payload: bytes, ref: bytes = ZERO_BLOCK_ID
+    ) -> BlockLocation:
         record = encode_record(block, codec, width, raw_len, payload, ref)
         loc = BlockLocation(self.number, self.end, len(payload), raw_len, codec, width, ref)
         self._buffer += record

@@ -158,9 +158,7 @@ def parse_prefix(prefix: bytes, file_size: int, display_name: str) -> Safetensor
     data_start = 8 + header_len
     spans.sort(key=lambda s: (s[0], s[1], s[2].name))
     _check_layout(spans, file_size - data_start, where)
-    tensors = tuple(
-        TensorSpan(s.name, s.dtype, s.shape, data_start + begin, s.nbytes) for begin, _, s in spans
-    )
+    tensors = tuple(TensorSpan(s.name, s.dtype, s.shape, data_start + begin, s.nbytes) for begin, _, s in spans)
     return SafetensorsHeader(prefix=bytes(prefix), metadata=metadata, tensors=tensors, file_size=file_size)
 
 
@@ -249,19 +247,24 @@ def _check_layout(spans: list[tuple[int, int, TensorSpan]], data_len: int, where
         if begin > pos:
             if prev is None:
                 _fail(where, f"data of the first {t} begins at {begin}, not 0")
-            _fail(where, f"gap of {begin - pos} bytes between tensor {prev!r} (ends at {pos}) and {t} "
-                         f"(begins at {begin})")
+            _fail(
+                where, f"gap of {begin - pos} bytes between tensor {prev!r} (ends at {pos}) and {t} (begins at {begin})"
+            )
         if begin < pos:
             _fail(where, f"{t} data_offsets [{begin}, {end}] overlap tensor {prev!r} (ends at {pos})")
         pos, prev = end, span.name
     if pos < data_len:
-        _fail(where, f"{data_len - pos} trailing bytes after the tensor data (tensors use {pos} bytes "
-                     f"of data, file has {data_len})")
+        _fail(
+            where,
+            f"{data_len - pos} trailing bytes after the tensor data (tensors use {pos} bytes "
+            f"of data, file has {data_len})",
+        )
     if pos > data_len:
         _fail(where, f"truncated: tensors expect {pos} bytes of data, file has {data_len}")
 
 
 # -- writing --------------------------------------------------------------------------------------
+
 
 def build_prefix(tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None) -> bytes:
     """The 8-byte length and JSON header of a safetensors file holding `tensors` (name, dtype, shape)

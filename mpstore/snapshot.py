@@ -21,8 +21,7 @@ DeltaStats = tuple[float, float, int]
 
 
 def canonical_json(value: Any) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False).encode()
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
 @dataclass(frozen=True)
@@ -77,32 +76,39 @@ class Manifest:
     operation: dict = field(default_factory=dict)
 
     def encode(self) -> bytes:
-        return canonical_json({
-            "format": MANIFEST_FORMAT,
-            "block_bytes": self.block_bytes,
-            "base": self.base.hex() if self.base else None,
-            "parents": [p.hex() for p in self.parents],
-            "operation": self.operation,
-            "tensors": [
-                {
-                    "name": t.name, "dtype": t.dtype, "shape": list(t.shape),
-                    "blocks": [b.hex() for b in t.blocks],
-                    "delta": [list(s) for s in t.delta] if t.delta is not None else None,
-                }
-                for t in sorted(self.tensors, key=lambda t: t.name)
-            ],
-            "files": [
-                {
-                    "path": f.path, "size": f.size, "sha256": f.sha256,
-                    "segments": [
-                        {"tensor": s.tensor} if s.tensor is not None
-                        else {"blocks": [b.hex() for b in s.blocks], "size": s.size}
-                        for s in f.segments
-                    ],
-                }
-                for f in sorted(self.files, key=lambda f: f.path)
-            ],
-        })
+        return canonical_json(
+            {
+                "format": MANIFEST_FORMAT,
+                "block_bytes": self.block_bytes,
+                "base": self.base.hex() if self.base else None,
+                "parents": [p.hex() for p in self.parents],
+                "operation": self.operation,
+                "tensors": [
+                    {
+                        "name": t.name,
+                        "dtype": t.dtype,
+                        "shape": list(t.shape),
+                        "blocks": [b.hex() for b in t.blocks],
+                        "delta": [list(s) for s in t.delta] if t.delta is not None else None,
+                    }
+                    for t in sorted(self.tensors, key=lambda t: t.name)
+                ],
+                "files": [
+                    {
+                        "path": f.path,
+                        "size": f.size,
+                        "sha256": f.sha256,
+                        "segments": [
+                            {"tensor": s.tensor}
+                            if s.tensor is not None
+                            else {"blocks": [b.hex() for b in s.blocks], "size": s.size}
+                            for s in f.segments
+                        ],
+                    }
+                    for f in sorted(self.files, key=lambda f: f.path)
+                ],
+            }
+        )
 
     @property
     def id(self) -> bytes:
@@ -116,18 +122,24 @@ class Manifest:
                 raise CorruptionError(f"manifest format {obj['format']} is newer than this mpstore reads")
             tensors = tuple(
                 TensorEntry(
-                    name=t["name"], dtype=t["dtype"], shape=tuple(t["shape"]),
+                    name=t["name"],
+                    dtype=t["dtype"],
+                    shape=tuple(t["shape"]),
                     blocks=tuple(bytes.fromhex(b) for b in t["blocks"]),
                     delta=tuple((float(a), float(m), int(c)) for a, m, c in t["delta"])
-                    if t["delta"] is not None else None,
+                    if t["delta"] is not None
+                    else None,
                 )
                 for t in obj["tensors"]
             )
             files = tuple(
                 FileEntry(
-                    path=f["path"], size=f["size"], sha256=f["sha256"],
+                    path=f["path"],
+                    size=f["size"],
+                    sha256=f["sha256"],
                     segments=tuple(
-                        Segment(tensor=s["tensor"]) if "tensor" in s
+                        Segment(tensor=s["tensor"])
+                        if "tensor" in s
                         else Segment(blocks=tuple(bytes.fromhex(b) for b in s["blocks"]), size=s["size"])
                         for s in f["segments"]
                     ),
@@ -135,7 +147,9 @@ class Manifest:
                 for f in obj["files"]
             )
             return cls(
-                block_bytes=obj["block_bytes"], tensors=tensors, files=files,
+                block_bytes=obj["block_bytes"],
+                tensors=tensors,
+                files=files,
                 base=bytes.fromhex(obj["base"]) if obj["base"] else None,
                 parents=tuple(bytes.fromhex(p) for p in obj["parents"]),
                 operation=obj["operation"],

@@ -23,8 +23,15 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from .codecs import Codec, decode
 from .durable import FileLock, fsync_dir, write_atomic
-from .errors import (AmbiguousRefError, ConflictError, CorruptionError, FormatVersionError,
-                     InvalidInputError, MpstoreError, NotFoundError)
+from .errors import (
+    AmbiguousRefError,
+    ConflictError,
+    CorruptionError,
+    FormatVersionError,
+    InvalidInputError,
+    MpstoreError,
+    NotFoundError,
+)
 from .index import Index
 from .manifest_log import LOG_HEADER, Commit, ManifestLog
 from .pack import RECORD_HEADER_SIZE, BlockLocation, PackReader, PackWriter, pack_numbers, pack_path, scan_pack
@@ -49,8 +56,7 @@ def default_store_path() -> Path:
 
 def check_ref_name(name: str) -> str:
     if not isinstance(name, str) or len(name) > 200 or not _REF_NAME.match(name) or ".." in name:
-        raise InvalidInputError(
-            f"invalid ref name {name!r}: use letters, digits, '.', '_', '-' and '/' between parts")
+        raise InvalidInputError(f"invalid ref name {name!r}: use letters, digits, '.', '_', '-' and '/' between parts")
     return name
 
 
@@ -77,8 +83,9 @@ class Store:
     # -- opening --------------------------------------------------------------------------------
 
     @classmethod
-    def init(cls, path: Path | str, block_bytes: int = DEFAULT_BLOCK_BYTES,
-             zstd_level: int = DEFAULT_ZSTD_LEVEL) -> "Store":
+    def init(
+        cls, path: Path | str, block_bytes: int = DEFAULT_BLOCK_BYTES, zstd_level: int = DEFAULT_ZSTD_LEVEL
+    ) -> "Store":
         """Create an empty store at `path` (a new or empty folder)."""
         path = Path(path)
         if not (4096 <= block_bytes <= 1 << 26) or block_bytes % 8:
@@ -97,8 +104,12 @@ class Store:
         (staging / "packs").mkdir()
         ManifestLog.create(staging / "manifest.log")
         Index(staging / "index").close()
-        settings = {"format": STORE_FORMAT, "version": STORE_VERSION, "block_bytes": block_bytes,
-                    "zstd_level": zstd_level}
+        settings = {
+            "format": STORE_FORMAT,
+            "version": STORE_VERSION,
+            "block_bytes": block_bytes,
+            "zstd_level": zstd_level,
+        }
         write_atomic(staging / "mpstore.json", json.dumps(settings, indent=2).encode() + b"\n")
         os.replace(staging, path)  # replaces an empty folder atomically
         fsync_dir(path.parent)
@@ -119,7 +130,8 @@ class Store:
         if settings.get("version", 0) > STORE_VERSION:
             raise FormatVersionError(
                 f"{path}: store format version {settings['version']} is newer than this mpstore "
-                f"reads ({STORE_VERSION}); upgrade mergepipe")
+                f"reads ({STORE_VERSION}); upgrade mergepipe"
+            )
         store = cls(path, settings)
         store.log.check_header()
         if store.log.size() > max(store.index.high_water(), LOG_HEADER.size):
@@ -170,8 +182,10 @@ class Store:
             for data in commit.manifests:
                 blocks = Manifest.decode(data).all_blocks()
                 if len(self.index.get_blocks(blocks)) != len(blocks):
-                    raise CorruptionError("a block of the new snapshot is missing from the index "
-                                          "(removed by a concurrent gc?); run the command again")
+                    raise CorruptionError(
+                        "a block of the new snapshot is missing from the index "
+                        "(removed by a concurrent gc?); run the command again"
+                    )
             self.append_locked(commit)
 
     def append_locked(self, commit: Commit) -> None:
@@ -221,12 +235,17 @@ class Store:
             return sid
         text = ref.lower()
         if len(text) >= MIN_ID_PREFIX and re.fullmatch(r"[0-9a-f]+", text):
-            matches = [s for s in self.index.ids_with_prefix(bytes.fromhex(text[: len(text) // 2 * 2]), 1 << 30)
-                       if s.hex().startswith(text)]
+            matches = [
+                s
+                for s in self.index.ids_with_prefix(bytes.fromhex(text[: len(text) // 2 * 2]), 1 << 30)
+                if s.hex().startswith(text)
+            ]
             if len(matches) == 1:
                 return matches[0]
             if len(matches) > 1:
-                raise AmbiguousRefError(f"snapshot id prefix {ref!r} matches {len(matches)} snapshots; give more digits")
+                raise AmbiguousRefError(
+                    f"snapshot id prefix {ref!r} matches {len(matches)} snapshots; give more digits"
+                )
         raise NotFoundError(f"unknown ref {ref!r} (not a ref name or a snapshot id prefix; see `mpstore ls`)")
 
     def manifest(self, ref: str | bytes) -> Manifest:
@@ -275,8 +294,10 @@ class Store:
             raise NotFoundError(f"unknown ref {old_name!r}")
         if self.index.ref(new_name) is not None:
             raise ConflictError(f"ref {new_name!r} already exists")
-        self.commit(Commit(refs={old_name: None, new_name: sid}, message=f"rename {old_name} -> {new_name}"),
-                    expect={old_name: sid, new_name: None})
+        self.commit(
+            Commit(refs={old_name: None, new_name: sid}, message=f"rename {old_name} -> {new_name}"),
+            expect={old_name: sid, new_name: None},
+        )
         return sid
 
     def pin(self, ref: str | bytes) -> bytes:
@@ -307,7 +328,9 @@ class Store:
         loc = loc or self.location(block)
         stored_id, codec, width, raw_len, ref, payload = self.packs.read_record(loc)
         if stored_id != block:
-            raise CorruptionError(f"block {block.hex()}: pack record at pack-{loc.pack:08d}.mpk@{loc.offset} holds another block")
+            raise CorruptionError(
+                f"block {block.hex()}: pack record at pack-{loc.pack:08d}.mpk@{loc.offset} holds another block"
+            )
         if codec == Codec.XOR_GROUPED_ZSTD and ref_raw is None:
             ref_loc = self.location(ref)
             if ref_loc.codec == Codec.XOR_GROUPED_ZSTD:
@@ -336,7 +359,7 @@ class Store:
 
         manifest = self.manifest(ref)
         entries = manifest.tensor_map()
-        for name in (sorted(entries) if names is None else names):
+        for name in sorted(entries) if names is None else names:
             if name not in entries:
                 raise NotFoundError(f"snapshot has no tensor {name!r}")
             entry = entries[name]
@@ -344,15 +367,22 @@ class Store:
 
     # -- high-level operations (one module each) ------------------------------------------------
 
-    def ingest(self, folder: Path | str, name: str | None = None, base: str | None = None,
-               force: bool = False, progress: Progress | None = None):
+    def ingest(
+        self,
+        folder: Path | str,
+        name: str | None = None,
+        base: str | None = None,
+        force: bool = False,
+        progress: Progress | None = None,
+    ):
         """Ingest a Hugging Face model folder; see mpstore.ingest.ingest_folder."""
         from .ingest import ingest_folder
 
         return ingest_folder(self, Path(folder), name=name, base=base, force=force, progress=progress)
 
-    def export(self, ref: str | bytes, outdir: Path | str, progress: Progress | None = None,
-               shard_bytes: int | None = None):
+    def export(
+        self, ref: str | bytes, outdir: Path | str, progress: Progress | None = None, shard_bytes: int | None = None
+    ):
         """Write a snapshot back as a model folder; see mpstore.export.export_snapshot."""
         from .export import export_snapshot
 

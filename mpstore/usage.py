@@ -37,9 +37,14 @@ class Usage:
 
     def as_dict(self) -> dict:
         return {
-            "total_bytes": self.total_bytes, "pack_bytes": self.pack_bytes, "index_bytes": self.index_bytes,
-            "log_bytes": self.log_bytes, "blocks": self.blocks, "block_raw_bytes": self.block_raw_bytes,
-            "block_stored_bytes": self.block_stored_bytes, "logical_bytes": self.logical_bytes,
+            "total_bytes": self.total_bytes,
+            "pack_bytes": self.pack_bytes,
+            "index_bytes": self.index_bytes,
+            "log_bytes": self.log_bytes,
+            "blocks": self.blocks,
+            "block_raw_bytes": self.block_raw_bytes,
+            "block_stored_bytes": self.block_stored_bytes,
+            "logical_bytes": self.logical_bytes,
             "ratio": round(self.total_bytes / self.logical_bytes, 4) if self.logical_bytes else None,
             "by_codec": self.by_codec,
             "snapshots": [vars(s) for s in self.snapshots],
@@ -51,8 +56,11 @@ def _folder_bytes(path) -> int:
 
 
 def disk_usage(store: "Store") -> Usage:
-    usage = Usage(pack_bytes=_folder_bytes(store.path / "packs"), index_bytes=_folder_bytes(store.path / "index"),
-                  log_bytes=store.log.size())
+    usage = Usage(
+        pack_bytes=_folder_bytes(store.path / "packs"),
+        index_bytes=_folder_bytes(store.path / "index"),
+        log_bytes=store.log.size(),
+    )
     stored: dict[bytes, int] = {}
     for block, loc in store.index.iter_blocks():
         stored[block] = loc.record_len
@@ -78,9 +86,13 @@ def disk_usage(store: "Store") -> Usage:
         blocks = block_sets[info.id]
         logical = info.manifest.file_bytes
         usage.logical_bytes += logical
-        usage.snapshots.append(SnapshotUsage(
-            id=info.id.hex(), refs=sorted(names.get(info.id, [])), logical_bytes=logical,
-            stored_bytes=sum(stored.get(b, 0) for b in blocks),
-            exclusive_bytes=sum(stored.get(b, 0) for b in blocks if owners[b] == 1),
-        ))
+        usage.snapshots.append(
+            SnapshotUsage(
+                id=info.id.hex(),
+                refs=sorted(names.get(info.id, [])),
+                logical_bytes=logical,
+                stored_bytes=sum(stored.get(b, 0) for b in blocks),
+                exclusive_bytes=sum(stored.get(b, 0) for b in blocks if owners[b] == 1),
+            )
+        )
     return usage

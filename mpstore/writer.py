@@ -53,7 +53,7 @@ def delta_stats(dtype: DType, raw: memoryview, base_raw: bytes) -> DeltaStats:
 def split_blocks(data: memoryview, dtype: DType, block_bytes: int) -> list[memoryview]:
     """Tensor-aligned blocks: block i covers elements [i*E, (i+1)*E) (see DType.block_elements)."""
     step = dtype.nbytes(dtype.block_elements(block_bytes))
-    return [data[i:i + step] for i in range(0, len(data), step)]
+    return [data[i : i + step] for i in range(0, len(data), step)]
 
 
 class BlockSink:
@@ -101,8 +101,15 @@ class BlockSink:
             self.writer.close()
 
 
-def process_block(store: "Store", dtype: DType, raw: memoryview, known_id: bytes | None,
-                  base_block: bytes | None, sink: BlockSink, base_raw: bytes | None = None):
+def process_block(
+    store: "Store",
+    dtype: DType,
+    raw: memoryview,
+    known_id: bytes | None,
+    base_block: bytes | None,
+    sink: BlockSink,
+    base_raw: bytes | None = None,
+):
     """Worker: hash, compare with the base, compute delta statistics and encode if new.
 
     `base_raw` may hand over the base block's bytes when the caller already holds them.
@@ -129,7 +136,7 @@ def store_literal(store: "Store", data: bytes | memoryview, sink: BlockSink) -> 
     """Literal bytes (a small file, a safetensors header) as zstd blocks, deduplicated."""
     ids = []
     for i in range(0, len(data), store.block_bytes):
-        chunk = data[i:i + store.block_bytes]
+        chunk = data[i : i + store.block_bytes]
         bid = block_id(chunk)
         if not sink.known(bid):
             codec, payload = encode(chunk, 1, store.zstd_level)

@@ -27,8 +27,9 @@ def small_suite(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def sharded_suite(tmp_path_factory) -> dict[str, Path]:
-    return make_suite(tmp_path_factory.mktemp("sharded"), preset="tiny", n_lora=0, n_partial=0, n_full=1,
-                      shard_bytes=200_000)
+    return make_suite(
+        tmp_path_factory.mktemp("sharded"), preset="tiny", n_lora=0, n_partial=0, n_full=1, shard_bytes=200_000
+    )
 
 
 @pytest.fixture
@@ -40,8 +41,11 @@ def store(tmp_path) -> Store:
 
 def folder_digest(folder: Path) -> dict[str, str]:
     """relative path -> sha256 of every file below folder."""
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def store_state(path: Path) -> dict:

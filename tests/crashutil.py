@@ -52,12 +52,12 @@ def start(store: Path, *args: str, sync_bytes: int | None = None) -> subprocess.
     e = env()
     if sync_bytes:
         e["MPSTORE_TEST_SYNC_BYTES"] = str(sync_bytes)
-    return subprocess.Popen(mpstore_argv(store, *args), env=e, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        mpstore_argv(store, *args), env=e, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
-def run(store: Path, *args: str, sync_bytes: int | None = None,
-        timeout: float = 120) -> subprocess.CompletedProcess:
+def run(store: Path, *args: str, sync_bytes: int | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     proc = start(store, *args, sync_bytes=sync_bytes)
     out, err = proc.communicate(timeout=timeout)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
@@ -65,8 +65,9 @@ def run(store: Path, *args: str, sync_bytes: int | None = None,
 
 def run_ok(store: Path, *args: str, **kw) -> subprocess.CompletedProcess:
     res = run(store, *args, **kw)
-    assert res.returncode == 0, \
+    assert res.returncode == 0, (
         f"mpstore {' '.join(map(str, args))} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}"
+    )
     return res
 
 
@@ -105,5 +106,3 @@ def wait_until(predicate, timeout: float, interval: float = 0.002) -> bool:
 
 def pack_bytes(store_path: Path) -> int:
     return sum(p.stat().st_size for p in (store_path / "packs").iterdir())
-
-

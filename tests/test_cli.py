@@ -91,15 +91,19 @@ def test_help_teaches_the_commands():
 
 def test_listing_commands_do_not_import_torch(populated):
     # ls/show/log/du must answer fast: the store layer never imports torch.
-    code = ("import sys; from mpcli.main import main; sys.argv=['mpstore','--store',%r,'%s'];\n"
-            "try: main()\nexcept SystemExit: pass\nassert 'torch' not in sys.modules, '%s imported torch'")
+    code = (
+        "import sys; from mpcli.main import main; sys.argv=['mpstore','--store',%r,'%s'];\n"
+        "try: main()\nexcept SystemExit: pass\nassert 'torch' not in sys.modules, '%s imported torch'"
+    )
     for command in ("ls", "du", "log"):
-        proc = subprocess.run([sys.executable, "-c", code % (str(populated), command, command)],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-c", code % (str(populated), command, command)], capture_output=True, text=True
+        )
         assert proc.returncode == 0, proc.stderr
 
 
 # -- bad input: one line, non-zero exit, store unchanged -----------------------------------------
+
 
 def _safetensors_bytes(tmp_path: Path) -> bytes:
     save_file({"a": torch.zeros(4, 4), "b": torch.ones(2)}, tmp_path / "tmp.safetensors")
@@ -108,7 +112,7 @@ def _safetensors_bytes(tmp_path: Path) -> bytes:
 
 def _header_of(data: bytes) -> dict:
     (n,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8:8 + n])
+    return json.loads(data[8 : 8 + n])
 
 
 def _with_header(header: dict, body: bytes) -> bytes:
@@ -121,7 +125,7 @@ def _bad_folder(tmp_path: Path, case: str) -> Path:
     folder.mkdir()
     good = _safetensors_bytes(tmp_path)
     header = _header_of(good)
-    body = good[8 + struct.unpack("<Q", good[:8])[0]:]
+    body = good[8 + struct.unpack("<Q", good[:8])[0] :]
     target = folder / "model.safetensors"
     if case == "truncated":
         target.write_bytes(good[:-10])
@@ -146,9 +150,14 @@ def _bad_folder(tmp_path: Path, case: str) -> Path:
     elif case == "index_missing_shard":
         target.unlink(missing_ok=True)
         (folder / "model-00001-of-00002.safetensors").write_bytes(good)
-        (folder / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors",
-                                            "c": "model-00002-of-00002.safetensors"}}))
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps(
+                {
+                    "metadata": {},
+                    "weight_map": {"a": "model-00001-of-00002.safetensors", "c": "model-00002-of-00002.safetensors"},
+                }
+            )
+        )
     elif case == "empty_folder":
         pass
     return folder
@@ -180,16 +189,19 @@ def test_bad_model_folder_is_one_line_error_and_leaves_store_unchanged(populated
     assert store_state(populated) == before
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["ingest", "/does/not/exist", "--name", "x"], "/does/not/exist"),
-    (["show", "no-such-ref"], "no-such-ref"),
-    (["export", "no-such-ref", "/tmp/mp-never-written"], "no-such-ref"),
-    (["log", "abcdef00"], "abcdef00"),
-    (["ingest", "{suite_base}", "--name", "base"], "already exists"),
-    (["ingest", "{suite_base}", "--name", "bad..name"], "invalid ref name"),
-    (["ingest", "{suite_base}", "--name", "x", "--base", "missing"], "missing"),
-    (["ref", "rm", "nope"], "nope"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["ingest", "/does/not/exist", "--name", "x"], "/does/not/exist"),
+        (["show", "no-such-ref"], "no-such-ref"),
+        (["export", "no-such-ref", "/tmp/mp-never-written"], "no-such-ref"),
+        (["log", "abcdef00"], "abcdef00"),
+        (["ingest", "{suite_base}", "--name", "base"], "already exists"),
+        (["ingest", "{suite_base}", "--name", "bad..name"], "invalid ref name"),
+        (["ingest", "{suite_base}", "--name", "x", "--base", "missing"], "missing"),
+        (["ref", "rm", "nope"], "nope"),
+    ],
+)
 def test_user_mistakes_are_one_line_errors(populated, suite, args, needle):
     args = [a.replace("{suite_base}", str(suite["base"])) for a in args]
     before = store_state(populated)
@@ -201,8 +213,12 @@ def test_user_mistakes_are_one_line_errors(populated, suite, args, needle):
 
 
 def test_errors_from_a_real_process_have_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "mpcli.main", "--store", str(tmp_path / "none"), "ls"],
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    proc = subprocess.run(
+        [sys.executable, "-m", "mpcli.main", "--store", str(tmp_path / "none"), "ls"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
     assert proc.returncode == 1
     assert proc.stderr.strip().startswith("mpstore: error:") and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -220,9 +236,19 @@ def test_export_into_a_non_empty_folder_is_refused(populated, tmp_path):
 def test_stored_file_name_that_escapes_the_export_folder_is_refused(populated, tmp_path):
     store = Store.open(populated)
     base = store.manifest("base")
-    evil = Manifest(block_bytes=base.block_bytes, tensors=base.tensors,
-                    files=base.files + (FileEntry("../evil.txt", 0, "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
-                                                  (Segment(blocks=(), size=0),)),))
+    evil = Manifest(
+        block_bytes=base.block_bytes,
+        tensors=base.tensors,
+        files=base.files
+        + (
+            FileEntry(
+                "../evil.txt",
+                0,
+                "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+                (Segment(blocks=(), size=0),),
+            ),
+        ),
+    )
     store.commit(Commit(manifests=[evil.encode()], refs={"evil": evil.id}))
     store.close()
     out = tmp_path / "export" / "inner"

@@ -41,7 +41,7 @@ def test_encode_then_decode_is_identity(block, data):
 
 def test_small_deltas_pick_xor_and_compress_better_than_plain():
     rng = np.random.default_rng(0)
-    base = (rng.standard_normal(4096).astype(np.float32) * 0.02)
+    base = rng.standard_normal(4096).astype(np.float32) * 0.02
     tuned = base + rng.standard_normal(4096).astype(np.float32) * 1e-5
     codec, payload = encode(tuned.tobytes(), 4, 1, base.tobytes())
     _, plain = encode(tuned.tobytes(), 4, 1)

@@ -39,8 +39,11 @@ def _assert_exports(store: Path, expected: dict[str, Path], scratch: Path) -> No
 def test_two_ingests_of_different_models_at_once(small_suite, tmp_path):
     store = tmp_path / "store"
     cu.run_ok(store, "init", "--block-size", cu.BLOCK)
-    a, b = _together(store, ("ingest", small_suite["base"], "--name", "models/a"),
-                     ("ingest", small_suite["full-0"], "--name", "models/b"))
+    a, b = _together(
+        store,
+        ("ingest", small_suite["base"], "--name", "models/a"),
+        ("ingest", small_suite["full-0"], "--name", "models/b"),
+    )
     assert a["blocks_new"] > 1000 and b["blocks_new"] > 1000
     with Store.open(store) as s:
         assert s.refs() == {"models/a": bytes.fromhex(a["id"]), "models/b": bytes.fromhex(b["id"])}
@@ -67,8 +70,9 @@ def test_concurrent_ingests_sharing_blocks_dedup_and_match_a_sequential_store(sm
         assert t["blocks_new"] == a["blocks_new"]
 
     # The same model twice at once: both race to store the very same blocks.
-    f1, f2 = _together(store, ("ingest", small_suite["full-0"], "--name", "f1"),
-                       ("ingest", small_suite["full-0"], "--name", "f2"))
+    f1, f2 = _together(
+        store, ("ingest", small_suite["full-0"], "--name", "f1"), ("ingest", small_suite["full-0"], "--name", "f2")
+    )
     assert f1["id"] == f2["id"]
     with Store.open(store) as s:
         refs = s.refs()
@@ -84,8 +88,11 @@ def test_concurrent_ingests_sharing_blocks_dedup_and_match_a_sequential_store(sm
     assert again["id"] == f1["id"]
     assert again["blocks_new"] == 0 and again["written_bytes"] == 0
     assert again["blocks_dedup"] == again["blocks"]
-    _assert_exports(store, {**experts, "f1": small_suite["full-0"], "f2": small_suite["full-0"], "base": small_suite["base"]},
-                    tmp_path / "out")
+    _assert_exports(
+        store,
+        {**experts, "f1": small_suite["full-0"], "f2": small_suite["full-0"], "base": small_suite["base"]},
+        tmp_path / "out",
+    )
     assert cu.run(store, "fsck").returncode == 0
 
 
@@ -94,7 +101,11 @@ def test_readers_see_only_committed_snapshots_while_a_writer_ingests(small_suite
     with Store.init(store, block_bytes=cu.BLOCK_BYTES) as s:
         committed = s.ingest(suite["base"], name="committed").id
     want = cu.digests(suite["base"])
-    plan = [("w1", small_suite["base"], None), ("w2", small_suite["full-0"], "w1"), ("w3", small_suite["partial-0"], "w1")]
+    plan = [
+        ("w1", small_suite["base"], None),
+        ("w2", small_suite["full-0"], "w1"),
+        ("w3", small_suite["partial-0"], "w1"),
+    ]
     writer_done = threading.Event()
     writer_errors: list[str] = []
 
@@ -140,8 +151,11 @@ def test_readers_see_only_committed_snapshots_while_a_writer_ingests(small_suite
     assert any(len(n) < 3 for n in seen), "no read happened before the last commit"
     ls = json.loads(cu.run_ok(store, "ls", "--json").stdout)
     assert sorted(r for row in ls for r in row["refs"]) == ["committed", "w1", "w2", "w3"]
-    _assert_exports(store, {"w1": small_suite["base"], "w2": small_suite["full-0"], "w3": small_suite["partial-0"]},
-                    tmp_path / "out")
+    _assert_exports(
+        store,
+        {"w1": small_suite["base"], "w2": small_suite["full-0"], "w3": small_suite["partial-0"]},
+        tmp_path / "out",
+    )
 
 
 def test_a_killed_ingest_does_not_harm_a_concurrent_one(small_suite, tmp_path):
@@ -153,8 +167,9 @@ def test_a_killed_ingest_does_not_harm_a_concurrent_one(small_suite, tmp_path):
     survivors = [small_suite["partial-0"], small_suite["lora-0"], small_suite["partial-0"]]
     for i, src in enumerate(survivors):
         survivor = cu.start(store, "ingest", src, "--name", f"p{i}", "--base", "base", "--json")
-        victim = cu.start(store, "ingest", small_suite["full-0"], "--name", "victim", "--base", "base",
-                          sync_bytes=64 << 10)
+        victim = cu.start(
+            store, "ingest", small_suite["full-0"], "--name", "victim", "--base", "base", sync_bytes=64 << 10
+        )
         t0 = time.monotonic()
         time.sleep(rng.uniform(0, duration))
         cu.kill9(victim)
@@ -168,8 +183,11 @@ def test_a_killed_ingest_does_not_harm_a_concurrent_one(small_suite, tmp_path):
             assert s.fsck().ok
     final = cu.run_json(store, "ingest", small_suite["full-0"], "--name", "victim", "--base", "base")
     assert final["blocks"] > 1000
-    _assert_exports(store, {"p0": small_suite["partial-0"], "p1": small_suite["lora-0"], "victim": small_suite["full-0"]},
-                    tmp_path / "out")
+    _assert_exports(
+        store,
+        {"p0": small_suite["partial-0"], "p1": small_suite["lora-0"], "victim": small_suite["full-0"]},
+        tmp_path / "out",
+    )
     assert cu.run(store, "fsck").returncode == 0
 
 
@@ -197,13 +215,22 @@ print(json.dumps(out))
 def test_compare_and_swap_refs_one_racer_wins(suite, tmp_path):
     path = tmp_path / "store"
     with Store.init(path, block_bytes=cu.BLOCK_BYTES) as s:
-        targets = {"base": s.ingest(suite["base"], name="base").id,
-                   "lora": s.ingest(suite["lora-0"], name="lora", base="base").id}
+        targets = {
+            "base": s.ingest(suite["base"], name="base").id,
+            "lora": s.ingest(suite["lora-0"], name="lora", base="base").id,
+        }
     count = 40
     start_at = time.time() + 1.0  # both have imported and opened the store by then
-    procs = {t: subprocess.Popen([sys.executable, "-c", _CAS_RACER, str(path), t, str(start_at), str(count)],
-                                 env=cu.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for t in targets}
+    procs = {
+        t: subprocess.Popen(
+            [sys.executable, "-c", _CAS_RACER, str(path), t, str(start_at), str(count)],
+            env=cu.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for t in targets
+    }
     results = {}
     for t, p in procs.items():
         out, err = p.communicate(timeout=120)
@@ -250,8 +277,13 @@ def test_fsck_beside_a_committing_writer_reports_no_damage(suite, tmp_path):
     path = tmp_path / "store"
     with Store.init(path, block_bytes=cu.BLOCK_BYTES) as s:
         s.ingest(suite["base"], name="a")
-    writer = subprocess.Popen([sys.executable, "-c", _COMMIT_LOOP, str(path)], env=cu.env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _COMMIT_LOOP, str(path)],
+        env=cu.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     problems: list[list[str]] = []
     runs = 0
     try:

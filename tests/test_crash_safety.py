@@ -28,8 +28,13 @@ KILL_ROUNDS = int(os.environ.get("MPSTORE_CRASH_ROUNDS", 10))
 SEED = int(os.environ.get("MPSTORE_CRASH_SEED", 20240917))
 
 
-def _check_store(path: Path, expected: dict[str, tuple[bytes, Path]], allowed_extra_refs: set[str],
-                 extra_snapshots: set[bytes], scratch: Path) -> dict[str, bytes]:
+def _check_store(
+    path: Path,
+    expected: dict[str, tuple[bytes, Path]],
+    allowed_extra_refs: set[str],
+    extra_snapshots: set[bytes],
+    scratch: Path,
+) -> dict[str, bytes]:
     """Open the store and check everything a crash must never break; returns its refs."""
     with Store.open(path) as s:
         assert s.log.valid_end() == s.log.size(), "a torn log tail survived Store.open"
@@ -39,7 +44,8 @@ def _check_store(path: Path, expected: dict[str, tuple[bytes, Path]], allowed_ex
         assert set(refs) <= set(expected) | allowed_extra_refs, f"unexpected refs {sorted(refs)}"
         visible = set(s.index.snapshot_ids())
         assert visible == {sid for sid, _ in expected.values()} | extra_snapshots | {
-            refs[n] for n in allowed_extra_refs if n in refs}, "an uncommitted snapshot became visible"
+            refs[n] for n in allowed_extra_refs if n in refs
+        }, "an uncommitted snapshot became visible"
         report = s.fsck()
         assert report.ok, report.problems
         for name, (sid, src) in expected.items():
@@ -52,8 +58,10 @@ def test_kill9_during_ingest_never_damages_the_store_and_the_rerun_reuses_blocks
     cu.run_ok(store, "init", "--block-size", cu.BLOCK)
     base = cu.run_json(store, "ingest", small_suite["base"], "--name", "base")
     lora = cu.run_json(store, "ingest", small_suite["lora-0"], "--name", "lora", "--base", "base")
-    expected = {"base": (bytes.fromhex(base["id"]), small_suite["base"]),
-                "lora": (bytes.fromhex(lora["id"]), small_suite["lora-0"])}
+    expected = {
+        "base": (bytes.fromhex(base["id"]), small_suite["base"]),
+        "lora": (bytes.fromhex(lora["id"]), small_suite["lora-0"]),
+    }
     victim = small_suite["full-0"]  # every block differs from the base: ~2600 XOR-coded records to write
     ingest_args = ("ingest", victim, "--name", "X", "--base", "base", "--json")
 
@@ -82,6 +90,7 @@ def test_kill9_during_ingest_never_damages_the_store_and_the_rerun_reuses_blocks
             def published() -> bool:
                 with Store.open(store) as s:
                     return s.index.pack_ends() != ends_before or proc.poll() is not None
+
             assert cu.wait_until(published, timeout=60)
             time.sleep(rng.uniform(0, duration / 4))
         else:
@@ -107,8 +116,7 @@ def test_kill9_during_ingest_never_damages_the_store_and_the_rerun_reuses_blocks
     cu.run_ok(store, "export", "X", out)
     assert cu.digests(out) == cu.digests(victim)
     cu.run_ok(store, "fsck")
-    _check_store(store, {**expected, "X": (bytes.fromhex(final["id"]), victim)}, set(), extra_snapshots,
-                 scratch)
+    _check_store(store, {**expected, "X": (bytes.fromhex(final["id"]), victim)}, set(), extra_snapshots, scratch)
 
 
 _RENAME_LOOP = """
@@ -132,8 +140,13 @@ def test_kill9_during_commit_loop_keeps_every_commit_atomic(suite, tmp_path):
     rng = random.Random(SEED + 1)
     log_sizes = []
     for _ in range(6):
-        proc = subprocess.Popen([sys.executable, "-c", _RENAME_LOOP, str(path)], env=cu.env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _RENAME_LOOP, str(path)],
+            env=cu.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         assert proc.stdout.readline().strip() == "ready"
         time.sleep(rng.uniform(0, 0.4))
         assert proc.poll() is None, proc.stderr.read()
@@ -253,8 +266,9 @@ def test_flipped_pack_byte_is_found_by_fsck_and_fails_export(damaged_setup, suit
         res = cu.run(path, "fsck")
         assert res.returncode != 0, res.stdout
         damage = [line for line in res.stdout.splitlines() if line.startswith("DAMAGE:")]
-        assert any("experts/lora" in line and f"tensor {tensor}" in line and block.hex() in line
-                   for line in damage), res.stdout
+        assert any("experts/lora" in line and f"tensor {tensor}" in line and block.hex() in line for line in damage), (
+            res.stdout
+        )
         assert not any("(base)" in line for line in damage), "the base does not use the damaged block"
         as_json = json.loads(cu.run(path, "fsck", "--json").stdout)
         assert as_json["ok"] is False and as_json["problems"]

@@ -22,9 +22,7 @@ def tensors(*names: str) -> dict[str, torch.Tensor]:
     return {n: torch.full((2, 3), float(i)) for i, n in enumerate(names)}
 
 
-def write_sharded(
-    folder: Path, shards: dict[str, list[str]], weight_map: dict[str, str] | None = None
-) -> None:
+def write_sharded(folder: Path, shards: dict[str, list[str]], weight_map: dict[str, str] | None = None) -> None:
     for shard, names in shards.items():
         save_file(tensors(*names), folder / shard)
     if weight_map is None:
@@ -46,12 +44,10 @@ def scan_error(folder: Path, *fragments: str, prefix: str | None = None) -> str:
 
 
 def test_import_does_not_load_torch() -> None:
-    code = (
-        "import sys, mpstore.hf_folder, mpstore.safetensors_io, mpstore.torch_bin; "
-        "print('torch' in sys.modules)"
+    code = "import sys, mpstore.hf_folder, mpstore.safetensors_io, mpstore.torch_bin; print('torch' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).parent.parent)
     assert out.stdout.strip() == "False"
 
 
@@ -70,9 +66,7 @@ def test_single_safetensors_file(tmp_path: Path) -> None:
 
 
 def test_sharded_with_index(tmp_path: Path) -> None:
-    write_sharded(
-        tmp_path, {"model-00001-of-00002.safetensors": ["a", "b"], "model-00002-of-00002.safetensors": ["c"]}
-    )
+    write_sharded(tmp_path, {"model-00001-of-00002.safetensors": ["a", "b"], "model-00002-of-00002.safetensors": ["c"]})
     save_file(tensors("x"), tmp_path / "model.safetensors")  # not named by the index: an other file
     mf = scan_model_folder(tmp_path)
     assert [w.relpath for w in mf.weight_files] == [
@@ -210,8 +204,11 @@ def test_index_shard_escaping_folder(tmp_path: Path, shard: str) -> None:
 def test_index_maps_tensor_that_shard_lacks(tmp_path: Path) -> None:
     weight_map = {"a": "a.safetensors", "b": "a.safetensors", "x": "b.safetensors"}
     write_sharded(tmp_path, {"a.safetensors": ["a"], "b.safetensors": ["b"]}, weight_map)
-    msg = scan_error(tmp_path, "tensor 'b' is mapped to a.safetensors, which does not contain it",
-                     prefix="model.safetensors.index.json")
+    msg = scan_error(
+        tmp_path,
+        "tensor 'b' is mapped to a.safetensors, which does not contain it",
+        prefix="model.safetensors.index.json",
+    )
     assert "(it is in b.safetensors)" in msg
 
 

@@ -14,11 +14,10 @@ from safetensors.torch import save_file
 
 from mpcli.main import cli
 from mpexec.merge import plan_merge, run_merge
-from mpexec.methods import QueryError
 from mpstore import Store
 
 from tests import crashutil as cu
-from tests.conftest import folder_digest, store_state
+from tests.conftest import store_state
 
 TA = """
 merge_method: task_arithmetic
@@ -54,15 +53,24 @@ def _merge(store: Path, config: Path, *args: str):
 BAD_QUERIES = {
     "unknown method": ("merge_method: frobnicate\nmodels:\n  - model: base\n", "unknown merge method 'frobnicate'"),
     "unknown parameter": (TA + "parameters: {wieght: 1}\n", "unknown parameter 'wieght'"),
-    "missing weight": ("merge_method: task_arithmetic\nbase_model: base\nmodels:\n  - model: lora\n",
-                       "missing required parameter 'weight' for model lora"),
-    "slerp with three models": ("merge_method: slerp\nbase_model: base\nmodels:\n  - model: base\n  - model: lora\n"
-                                "  - model: full\nparameters: {t: 0.5}\n", "slerp"),
-    "nuslerp with one model": ("merge_method: nuslerp\nmodels:\n  - model: lora\n    parameters: {weight: 1}\n",
-                               "nuslerp"),
+    "missing weight": (
+        "merge_method: task_arithmetic\nbase_model: base\nmodels:\n  - model: lora\n",
+        "missing required parameter 'weight' for model lora",
+    ),
+    "slerp with three models": (
+        "merge_method: slerp\nbase_model: base\nmodels:\n  - model: base\n  - model: lora\n"
+        "  - model: full\nparameters: {t: 0.5}\n",
+        "slerp",
+    ),
+    "nuslerp with one model": (
+        "merge_method: nuslerp\nmodels:\n  - model: lora\n    parameters: {weight: 1}\n",
+        "nuslerp",
+    ),
     "missing base": ("merge_method: ties\nmodels:\n  - model: lora\n    parameters: {weight: 1}\n", "base"),
-    "unknown ref": ("merge_method: linear\nmodels:\n  - model: nosuchmodel\n    parameters: {weight: 1}\n",
-                    "nosuchmodel"),
+    "unknown ref": (
+        "merge_method: linear\nmodels:\n  - model: nosuchmodel\n    parameters: {weight: 1}\n",
+        "nosuchmodel",
+    ),
     "yaml syntax": ("merge_method: linear\nmodels: [\n", "YAML syntax error at line"),
     "unknown key": (TA + "dtpye: float32\n", "unknown key(s) dtpye"),
     "bad dtype": (TA + "dtype: float8\n", "unknown dtype"),
@@ -83,6 +91,7 @@ def test_bad_queries_fail_in_one_line_before_reading_data(mstore, tmp_path, case
 def _tamper(tmp_path: Path, suite, name: str, change) -> Path:
     """A copy of the base folder with one tensor changed by `change(dict)`."""
     from safetensors.torch import load_file
+
     folder = tmp_path / name
     folder.mkdir()
     for f in suite["base"].iterdir():
@@ -94,8 +103,10 @@ def _tamper(tmp_path: Path, suite, name: str, change) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("kind, needle", [
-    ("shape", "differs in shape"), ("missing", "has no tensor"), ("vocab", "mismatched vocabulary sizes")])
+@pytest.mark.parametrize(
+    "kind, needle",
+    [("shape", "differs in shape"), ("missing", "has no tensor"), ("vocab", "mismatched vocabulary sizes")],
+)
 def test_mismatched_inputs_are_refused_naming_model_and_tensor(mstore, tmp_path, suite, kind, needle):
     def change(t):
         if kind == "shape":
@@ -104,12 +115,15 @@ def test_mismatched_inputs_are_refused_naming_model_and_tensor(mstore, tmp_path,
             del t["model.layers.2.self_attn.q_proj.weight"]
         else:
             t["model.embed_tokens.weight"] = torch.cat([t["model.embed_tokens.weight"]] * 2)
+
     odd = _tamper(tmp_path, suite, f"odd-{kind}", change)
     with Store.open(mstore) as s:
         s.ingest(odd, name="odd")
     before = store_state(mstore)
-    text = "merge_method: linear\nmodels:\n  - model: base\n    parameters: {weight: 1}\n" \
-           "  - model: odd\n    parameters: {weight: 1}\n"
+    text = (
+        "merge_method: linear\nmodels:\n  - model: base\n    parameters: {weight: 1}\n"
+        "  - model: odd\n    parameters: {weight: 1}\n"
+    )
     result = _merge(mstore, _write(tmp_path, text), "--name", "out")
     assert result.exit_code == 1 and needle in result.output and "odd" in result.output + needle
     assert store_state(mstore) == before
@@ -155,15 +169,19 @@ def test_lora_merge_reads_only_the_changed_blocks(mstore, tmp_path):
         lora = s.manifest("lora").tensor_map()
         changed = sum(1 for t in lora.values() if "proj" in t.name and "self_attn" in t.name)
         assert result.tensors_passed_through == len(lora) - changed
-        total = sum(loc.record_len for loc in s.index.get_blocks(
-            {b for t in s.manifest("lora").tensors for b in t.blocks}).values())
+        total = sum(
+            loc.record_len
+            for loc in s.index.get_blocks({b for t in s.manifest("lora").tensors for b in t.blocks}).values()
+        )
         assert 0 < result.bytes_read < total
         assert result.blocks_skipped["same_as_base"] > 0
 
 
 def test_randomized_methods_are_seeded_and_rescale_by_l1(mstore, tmp_path):
-    text = ("merge_method: dare_linear\nbase_model: base\nmodels:\n  - model: full\n"
-            "    parameters: {weight: 1.0, density: 0.3}\ndtype: float32\nout_dtype: float32\n")
+    text = (
+        "merge_method: dare_linear\nbase_model: base\nmodels:\n  - model: full\n"
+        "    parameters: {weight: 1.0, density: 0.3}\ndtype: float32\nout_dtype: float32\n"
+    )
     config = _write(tmp_path, text)
     a = json.loads(_merge(mstore, config, "--name", "d1", "--seed", "7", "--json").output)
     b = json.loads(_merge(mstore, config, "--name", "d2", "--seed", "7", "--json").output)
@@ -235,8 +253,10 @@ def test_kill9_during_merge_leaves_no_snapshot_and_fsck_clean(small_suite, tmp_p
     cu.run_ok(path, "init", "--block-size", cu.BLOCK)
     cu.run_ok(path, "ingest", small_suite["base"], "--name", "base")
     cu.run_ok(path, "ingest", small_suite["full-0"], "--name", "full", "--base", "base")
-    config = _write(tmp_path, "merge_method: ties\nbase_model: base\nmodels:\n  - model: full\n"
-                              "    parameters: {weight: 0.7, density: 0.5}\n")
+    config = _write(
+        tmp_path,
+        "merge_method: ties\nbase_model: base\nmodels:\n  - model: full\n    parameters: {weight: 0.7, density: 0.5}\n",
+    )
     rng = random.Random(3)
     for round_ in range(4):
         proc = cu.start(path, "merge", config, "--name", "merged")

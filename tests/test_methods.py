@@ -28,12 +28,21 @@ from mergekit.merge_methods import ParameterScope, TensorGroup, registry
 from mergekit.merge_methods.buffers import copy_non_floating_buffer
 
 SHAPES = [(96, 64), (64,)]  # a projection matrix and a norm vector
-GTA = ["task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
-       "della_linear"]
+GTA = [
+    "task_arithmetic",
+    "ties",
+    "dare_ties",
+    "dare_linear",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+]
 RANDOMIZED = {"dare_ties", "dare_linear", "della", "della_linear"}
 
 
 # --- helpers ----------------------------------------------------------------------------------------
+
 
 def reference(name, tensors, base_index, shared, per_input, seed=None):
     """mergekit's result: the registry's method called on one TensorGroup, parameters per mergekit's API."""
@@ -41,8 +50,11 @@ def reference(name, tensors, base_index, shared, per_input, seed=None):
     parameters = dict(shared)
     for p in method.spec.parameters:
         if p.scope != ParameterScope.SHARED:
-            values = [per_input[i][p.name] for i in range(len(tensors))
-                      if p.name in per_input[i] and (p.scope == ParameterScope.INPUT or i != base_index)]
+            values = [
+                per_input[i][p.name]
+                for i in range(len(tensors))
+                if p.name in per_input[i] and (p.scope == ParameterScope.INPUT or i != base_index)
+            ]
             if values:
                 parameters[p.name] = values
     if seed is not None:
@@ -85,8 +97,9 @@ def independent(shape, n, seed=0):
     return [torch.randn(shape, generator=g) for _ in range(n)]
 
 
-def gta_inputs(name, weights=(0.7, -0.3, 1.2), densities=(1.0, 1.0, 1.0), gammas=(0.05, 0.01, 0.1),
-               epsilons=(0.1, 0.2, 0.05)):
+def gta_inputs(
+    name, weights=(0.7, -0.3, 1.2), densities=(1.0, 1.0, 1.0), gammas=(0.05, 0.01, 0.1), epsilons=(0.1, 0.2, 0.05)
+):
     """Per-input dicts for a base at index 0 and len(weights) fine-tunes."""
     per = [{}]
     for k, w in enumerate(weights):
@@ -118,8 +131,13 @@ def test_spec_matches_mergekit(name):
         if not their.required:
             assert mine.default == their.default and type(mine.default) is type(their.default), mine.name
     c = theirs.contract
-    assert (spec.base, spec.min_inputs, spec.max_inputs, spec.min_non_base, spec.max_non_base) == \
-        (c.base.value, c.min_inputs, c.max_inputs, c.min_non_base, c.max_non_base)
+    assert (spec.base, spec.min_inputs, spec.max_inputs, spec.min_non_base, spec.max_non_base) == (
+        c.base.value,
+        c.min_inputs,
+        c.max_inputs,
+        c.min_non_base,
+        c.max_non_base,
+    )
     assert spec.optional_policy == theirs.optional_tensor_policy.value
     assert spec.randomized == (name in RANDOMIZED)
     assert get_method(name) is spec
@@ -134,9 +152,44 @@ def test_unknown_method_and_parameter():
     assert get_method("ties").param("density").default == 1.0
 
 
-VALUES = [1, 0, 2, -3, 1.0, 0.0, 1.5, -0.0, True, False, "1e-3", "3", "3.0", "3.00", "3.", " 4 ", "+3", "1_000",
-          "true", "TRUE", "Yes", "off", " true", "t", "nan", "inf", "-inf", "abc", "", None, float("nan"),
-          float("inf"), 10**30, 1e20, [1], {"a": 1}]
+VALUES = [
+    1,
+    0,
+    2,
+    -3,
+    1.0,
+    0.0,
+    1.5,
+    -0.0,
+    True,
+    False,
+    "1e-3",
+    "3",
+    "3.0",
+    "3.00",
+    "3.",
+    " 4 ",
+    "+3",
+    "1_000",
+    "true",
+    "TRUE",
+    "Yes",
+    "off",
+    " true",
+    "t",
+    "nan",
+    "inf",
+    "-inf",
+    "abc",
+    "",
+    None,
+    float("nan"),
+    float("inf"),
+    10**30,
+    1e20,
+    [1],
+    {"a": 1},
+]
 
 
 @pytest.mark.parametrize("kind", [float, int, bool, str])
@@ -144,6 +197,7 @@ def test_validate_coerces_like_pydantic(kind):
     from pydantic import TypeAdapter, ValidationError
 
     from mpexec.methods import ParamSpec
+
     adapter, spec = TypeAdapter(kind), ParamSpec("p", kind, "shared", REQUIRED)
     for value in VALUES:
         try:
@@ -222,20 +276,28 @@ def test_input_count_messages():
 
 # --- deterministic parity ---------------------------------------------------------------------------
 
+
 def _cases():
     cases = []
     lin = [{"weight": w} for w in (0.3, 0.5, 0.9, 0.1)]
     for normalize in (True, False):
-        cases += [("linear", "ft", 4, 0, {"normalize": normalize}, lin),
-                  ("linear", "ft", 4, None, {"normalize": normalize}, lin)]
+        cases += [
+            ("linear", "ft", 4, 0, {"normalize": normalize}, lin),
+            ("linear", "ft", 4, None, {"normalize": normalize}, lin),
+        ]
     cases.append(("linear", "ft", 4, None, {}, [{"weight": w} for w in (1.0, -0.5, 0.25, 2.0)]))
     for shared in ({}, {"normalize": True}, {"lambda": 0.5}, {"lambda": 1.5, "normalize": True}):
         cases.append(("task_arithmetic", "ft", 4, 0, shared, gta_inputs("task_arithmetic")))
     cases.append(("task_arithmetic", "ft", 4, 2, {}, [{"weight": 1.0}, {"weight": 0.5}, {}, {"weight": -1.0}]))
     for name in ("ties", "breadcrumbs", "breadcrumbs_ties"):
         dens = (0.5, 0.7, 0.3) if name == "ties" else (0.8, 0.9, 0.7)
-        for shared in ({}, {"normalize": True}, {"normalize": False, "lambda": 0.8}, {"rescale": True},
-                       {"int8_mask": True, "normalize": True}):
+        for shared in (
+            {},
+            {"normalize": True},
+            {"normalize": False, "lambda": 0.8},
+            {"rescale": True},
+            {"int8_mask": True, "normalize": True},
+        ):
             cases.append((name, "ft", 4, 0, shared, gta_inputs(name, densities=dens)))
         cases.append((name, "ft", 4, 0, {}, gta_inputs(name)))  # density 1: no sparsification
     cases.append(("breadcrumbs", "ft", 3, 0, {}, gta_inputs("breadcrumbs", (1.0, 1.0), (0.5, 0.2), (0.7, 0.9))))
@@ -266,9 +328,11 @@ def _cases():
         cases.append(("model_stock", "ft", 4, 0, {"filter_wise": filter_wise}, [{}] * 4))
     for select_topk in (1.0, 0.5, 0.1, 0.0):
         cases.append(("sce", "ft", 4, 0, {"select_topk": select_topk}, [{}] * 4))
-    cases += [("sce", "ft", 4, 0, {"int8_mask": True, "select_topk": 0.3}, [{}] * 4),
-              ("sce", "ft", 2, 0, {"select_topk": 0.5}, [{}] * 2),
-              ("sce", "ft", 1, 0, {}, [{}])]
+    cases += [
+        ("sce", "ft", 4, 0, {"int8_mask": True, "select_topk": 0.3}, [{}] * 4),
+        ("sce", "ft", 2, 0, {"select_topk": 0.5}, [{}] * 2),
+        ("sce", "ft", 1, 0, {}, [{}]),
+    ]
     for t in (0.0, 1e-7, 0.001, 0.01, 0.5):
         cases.append(("nearswap", "ft", 2, 0, {"t": t}, [{}, {}]))
     cases += [("passthrough", "ft", 1, None, {}, [{}]), ("passthrough", "ft", 1, None, {}, [{"scale": 2.5}])]
@@ -292,11 +356,13 @@ def test_parity(case, shape):
 
 
 def test_inputs_not_modified():
-    for name, b, shared, per in [("ties", 0, {"rescale": True}, gta_inputs("ties", densities=(0.5, 0.5, 0.5))),
-                                 ("dare_ties", 0, {}, gta_inputs("dare_ties", densities=(0.5, 0.5, 0.5))),
-                                 ("multislerp", 0, {}, [{}] + [{"weight": 1.0}] * 3),
-                                 ("sce", 0, {"select_topk": 0.5}, [{}] * 4),
-                                 ("linear", None, {}, [{"weight": 1.0}] * 4)]:
+    for name, b, shared, per in [
+        ("ties", 0, {"rescale": True}, gta_inputs("ties", densities=(0.5, 0.5, 0.5))),
+        ("dare_ties", 0, {}, gta_inputs("dare_ties", densities=(0.5, 0.5, 0.5))),
+        ("multislerp", 0, {}, [{}] + [{"weight": 1.0}] * 3),
+        ("sce", 0, {"select_topk": 0.5}, [{}] * 4),
+        ("linear", None, {}, [{"weight": 1.0}] * 4),
+    ]:
         tensors = fine_tunes((16, 8), 3)
         copies = [t.clone() for t in tensors]
         ours(name, tensors, b, shared, per, seed=1)
@@ -316,8 +382,9 @@ def test_tied_magnitudes_keep_the_same_elements_as_mergekit(dtype):
     for name in ("ties", "breadcrumbs", "breadcrumbs_ties"):
         per = gta_inputs(name, (1.0,), (0.3,), (0.05,))
         for shared in ({}, {"rescale": True}):
-            assert torch.equal(ours(name, [base, delta], 0, shared, per),
-                               reference(name, [base, delta], 0, shared, per)), name
+            assert torch.equal(
+                ours(name, [base, delta], 0, shared, per), reference(name, [base, delta], 0, shared, per)
+            ), name
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -338,9 +405,11 @@ def test_tied_magnitudes_in_large_tensors(dtype):
 
 def test_sparsification_edge_densities():
     tensors = fine_tunes((32, 16), 3, seed=5)
-    for name, dens, gam in [("ties", (1e-9, 0.0, -1.0), (0, 0, 0)),
-                            ("breadcrumbs", (0.5, -0.5, 0.0), (0.7, 1.7, 0.1)),
-                            ("breadcrumbs_ties", (0.99, 0.5, 0.3), (0.0, 0.5, 0.9))]:
+    for name, dens, gam in [
+        ("ties", (1e-9, 0.0, -1.0), (0, 0, 0)),
+        ("breadcrumbs", (0.5, -0.5, 0.0), (0.7, 1.7, 0.1)),
+        ("breadcrumbs_ties", (0.99, 0.5, 0.3), (0.0, 0.5, 0.9)),
+    ]:
         per = gta_inputs(name, (1.0, 0.5, -0.7), dens, gam)
         assert torch.equal(ours(name, tensors, 0, {}, per), reference(name, tensors, 0, {}, per)), name
 
@@ -378,8 +447,10 @@ def test_linear_normalize_with_zero_weight_sum_is_an_error():
     tensors = fine_tunes((4, 4), 1)
     with pytest.raises(QueryError, match="linear: the weights sum to 0"):
         ours("linear", tensors, None, {}, [{"weight": 1.0}, {"weight": -1.0}])
-    assert_matches(ours("linear", tensors, None, {"normalize": False}, [{"weight": 1.0}, {"weight": -1.0}]),
-                   tensors[0] - tensors[1])
+    assert_matches(
+        ours("linear", tensors, None, {"normalize": False}, [{"weight": 1.0}, {"weight": -1.0}]),
+        tensors[0] - tensors[1],
+    )
     with pytest.raises(QueryError, match="^models: linear: the weights sum to 0"):  # at plan time
         get_method("linear").check_values({"normalize": True}, [{"weight": 0.5}, {"weight": -0.5}], "models")
     get_method("linear").check_values({"normalize": False}, [{"weight": 0.5}, {"weight": -0.5}], "models")
@@ -398,20 +469,22 @@ def test_unknown_parameters_are_errors():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 def test_other_computation_dtypes(dtype):
     tensors = [t.to(dtype) for t in fine_tunes((64, 48), 3, seed=6)]
-    cases = [("linear", None, {}, [{"weight": w} for w in (0.3, 0.5, 0.9, 0.1)]),
-             ("task_arithmetic", 0, {"lambda": 0.7}, gta_inputs("task_arithmetic")),
-             ("breadcrumbs_ties", 0, {}, gta_inputs("breadcrumbs_ties", densities=(0.8, 0.9, 0.7))),
-             ("slerp", 0, {"t": 0.4}, [{}, {}]),
-             ("nuslerp", 0, {}, [{}, {"weight": 0.3}, {"weight": 0.6}]),
-             ("multislerp", 0, {}, [{}] + [{"weight": w} for w in (0.3, 0.5, 0.9)]),
-             ("karcher", None, {}, [{}] * 4),
-             ("model_stock", 0, {}, [{}] * 4),
-             ("sce", 0, {"select_topk": 0.3}, [{}] * 4),
-             ("nearswap", 0, {"t": 0.01}, [{}, {}])]
+    cases = [
+        ("linear", None, {}, [{"weight": w} for w in (0.3, 0.5, 0.9, 0.1)]),
+        ("task_arithmetic", 0, {"lambda": 0.7}, gta_inputs("task_arithmetic")),
+        ("breadcrumbs_ties", 0, {}, gta_inputs("breadcrumbs_ties", densities=(0.8, 0.9, 0.7))),
+        ("slerp", 0, {"t": 0.4}, [{}, {}]),
+        ("nuslerp", 0, {}, [{}, {"weight": 0.3}, {"weight": 0.6}]),
+        ("multislerp", 0, {}, [{}] + [{"weight": w} for w in (0.3, 0.5, 0.9)]),
+        ("karcher", None, {}, [{}] * 4),
+        ("model_stock", 0, {}, [{}] * 4),
+        ("sce", 0, {"select_topk": 0.3}, [{}] * 4),
+        ("nearswap", 0, {"t": 0.01}, [{}, {}]),
+    ]
     if dtype != torch.float64:  # mergekit samples float64 deltas in float32 on CPU; we keep float64
         cases.append(("dare_ties", 0, {}, gta_inputs("dare_ties", densities=(0.4, 0.6, 0.3))))
     for name, b, shared, per in cases:
-        ts = tensors[:len(per)]
+        ts = tensors[: len(per)]
         out, ref = ours(name, ts, b, shared, per, seed=5), reference(name, ts, b, shared, per, seed=5)
         assert out.dtype == ref.dtype == dtype, name
         assert torch.equal(out, ref), name
@@ -431,6 +504,7 @@ def test_non_floating_buffers():
 
 # --- randomized methods ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", sorted(RANDOMIZED))
 def test_randomized_is_reproducible(name):
     tensors = fine_tunes((64, 48), 3, seed=7)
@@ -447,8 +521,9 @@ def test_randomized_reproduces_mergekits_masks(name, shape):
     tensors = fine_tunes(shape, 3, seed=8)
     per = gta_inputs(name, densities=(0.5, 1.0, 0.3))
     for shared in ({}, {"rescale": False, "normalize": True}):
-        assert torch.equal(ours(name, tensors, 0, shared, per, seed=21),
-                           reference(name, tensors, 0, shared, per, seed=21))
+        assert torch.equal(
+            ours(name, tensors, 0, shared, per, seed=21), reference(name, tensors, 0, shared, per, seed=21)
+        )
 
 
 def _kept(delta_out):
@@ -476,8 +551,10 @@ def test_della_keep_probability_rises_with_magnitude_rank():
     delta = independent((rows, cols), 1, seed=14)[0]
     zero = torch.zeros_like(delta)
     per = [{}, {"weight": 1.0, "density": density, "epsilon": epsilon}]
-    outs = {"ours": ours("della_linear", [zero, delta], 0, {}, per, seed=15),
-            "mergekit": reference("della_linear", [zero, delta], 0, {}, per, seed=16)}
+    outs = {
+        "ours": ours("della_linear", [zero, delta], 0, {}, per, seed=15),
+        "mergekit": reference("della_linear", [zero, delta], 0, {}, per, seed=16),
+    }
     rank = delta.abs().argsort(dim=1).argsort(dim=1).float() / (cols - 1)  # 0 .. 1 within each row
     for who, out in outs.items():
         torch.testing.assert_close(out.abs().sum(), delta.abs().sum(), rtol=1e-5, atol=0)
@@ -509,8 +586,11 @@ def test_della_epsilon_must_fit_density():
     per = [{}, {"weight": 1.0, "density": 0.1, "epsilon": 0.15}]
     with pytest.raises(ValueError, match="Epsilon must be chosen"):
         reference("della", tensors, 0, {}, per, seed=1)
-    with pytest.raises(QueryError, match=r"^layers.0.w: input 1: epsilon must be chosen such that density \+/- "
-                                         r"epsilon is in \(0, 1\); got density=0.1, epsilon=0.15$"):
+    with pytest.raises(
+        QueryError,
+        match=r"^layers.0.w: input 1: epsilon must be chosen such that density \+/- "
+        r"epsilon is in \(0, 1\); got density=0.1, epsilon=0.15$",
+    ):
         merge_tensor("della", tensors, 0, {}, per, torch.Generator(), where="layers.0.w")
     with pytest.raises(QueryError, match="epsilon must be chosen"):
         get_method("della").check_values({}, per, "")
@@ -519,14 +599,19 @@ def test_della_epsilon_must_fit_density():
 
 # --- identity on equal inputs -------------------------------------------------------------------------
 
-IDENTITY_CASES = [(name, {"lambda": lam}, gta_inputs(name, densities=(0.5, 0.3, 0.7)))
-                  for name in GTA for lam in (1.0, 0.4)] + [
+IDENTITY_CASES = [
+    (name, {"lambda": lam}, gta_inputs(name, densities=(0.5, 0.3, 0.7))) for name in GTA for lam in (1.0, 0.4)
+] + [
     ("ties", {"normalize": True, "rescale": True}, gta_inputs("ties", (0.5, 0.5, 0.5), (0.2, 0.2, 0.2))),
-    ("sce", {}, [{}] * 4), ("sce", {"select_topk": 0.3}, [{}] * 4),
-    ("model_stock", {}, [{}] * 4), ("model_stock", {"filter_wise": True}, [{}] * 3),
+    ("sce", {}, [{}] * 4),
+    ("sce", {"select_topk": 0.3}, [{}] * 4),
+    ("model_stock", {}, [{}] * 4),
+    ("model_stock", {"filter_wise": True}, [{}] * 3),
     ("linear", {}, [{"weight": w} for w in (0.3, 0.5, 0.9, 0.1)]),
-    ("slerp", {"t": 0.0}, [{}, {}]), ("slerp", {"t": 1.0}, [{}, {}]),
-    ("nearswap", {"t": 0.3}, [{}, {}]), ("nearswap", {"t": 1e-7}, [{}, {}]),
+    ("slerp", {"t": 0.0}, [{}, {}]),
+    ("slerp", {"t": 1.0}, [{}, {}]),
+    ("nearswap", {"t": 0.3}, [{}, {}]),
+    ("nearswap", {"t": 1e-7}, [{}, {}]),
 ]
 
 
@@ -548,8 +633,7 @@ def test_identity_on_equal_inputs_is_conservative():
     x = torch.full((16,), 1e-9)  # norm below slerp's and karcher's thresholds
     assert not identity_on_equal_inputs("slerp", {"t": 0.5})
     # norm <= 1e-8 is not normalized, so cos is ~0 and slerp's coefficients sum to sqrt(2), not 1
-    torch.testing.assert_close(reference("slerp", [x, x], 0, {"t": 0.5}, [{}, {}]), x * math.sqrt(2),
-                               rtol=1e-5, atol=0)
+    torch.testing.assert_close(reference("slerp", [x, x], 0, {"t": 0.5}, [{}, {}]), x * math.sqrt(2), rtol=1e-5, atol=0)
     assert not identity_on_equal_inputs("karcher", {})
     assert torch.equal(reference("karcher", [x, x], None, {}, [{}, {}]), torch.zeros_like(x))
     assert not identity_on_equal_inputs("multislerp", {})

@@ -284,8 +284,12 @@ def parity_store(suite, tmp_path_factory) -> Store:
 
 
 def _yaml(case: str, suite: dict[str, Path]) -> str:
-    return CASES[case].format(base=suite["base"].resolve(), lora=suite["lora-0"].resolve(),
-                              partial=suite["partial-0"].resolve(), full=suite["full-0"].resolve())
+    return CASES[case].format(
+        base=suite["base"].resolve(),
+        lora=suite["lora-0"].resolve(),
+        partial=suite["partial-0"].resolve(),
+        full=suite["full-0"].resolve(),
+    )
 
 
 def _mergekit(text: str, out: Path) -> dict[str, torch.Tensor]:

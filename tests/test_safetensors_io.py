@@ -236,8 +236,7 @@ def test_data_offsets_reversed(tmp_path: Path) -> None:
 def test_data_offsets_do_not_match_size(tmp_path: Path) -> None:
     msg = expect_error(tmp_path, st_file({"lm_head.weight": entry("BF16", [10, 10], 0, 100)}, b"\0" * 100))
     assert msg == (
-        f"{NAME}: tensor 'lm_head.weight' data_offsets [0, 100] do not match dtype BF16 and shape "
-        "[10, 10] (200 bytes)"
+        f"{NAME}: tensor 'lm_head.weight' data_offsets [0, 100] do not match dtype BF16 and shape [10, 10] (200 bytes)"
     )
 
 
@@ -367,9 +366,7 @@ def mutated_file(draw: st.DrawFn) -> bytes:
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(blob=mutated_file())
-def test_mutated_files_raise_only_invalid_input(
-    tmp_path_factory: pytest.TempPathFactory, blob: bytes
-) -> None:
+def test_mutated_files_raise_only_invalid_input(tmp_path_factory: pytest.TempPathFactory, blob: bytes) -> None:
     folder = tmp_path_factory.getbasetemp()
     path = folder / NAME
     path.write_bytes(blob)

@@ -81,8 +81,8 @@ def test_delta_statistics_match_numpy(store, suite):
     full_raw = store.tensor_bytes(entry)
     step = SMALL_BLOCK
     for i, (l2, peak, changed) in enumerate(entry.delta):
-        a = as_float32(DTYPES["BF16"], full_raw[i * step:(i + 1) * step])
-        b = as_float32(DTYPES["BF16"], base_raw[i * step:(i + 1) * step])
+        a = as_float32(DTYPES["BF16"], full_raw[i * step : (i + 1) * step])
+        b = as_float32(DTYPES["BF16"], base_raw[i * step : (i + 1) * step])
         d = (a - b).astype(np.float64)
         assert l2 == pytest.approx(np.linalg.norm(d), rel=1e-5)
         assert peak == pytest.approx(np.abs(d).max(), rel=1e-5)
@@ -110,6 +110,7 @@ def test_same_folder_twice_gives_the_same_snapshot_and_writes_nothing(store, sui
 def test_auto_base_picks_the_closest_root(store, suite, tmp_path):
     other = tmp_path / "other-base"
     from bench.modelgen import PRESETS, write_base
+
     write_base(other, PRESETS["tiny"], seed=99)
     store.ingest(other, name="other")
     store.ingest(suite["base"], name="base")
@@ -190,8 +191,10 @@ def test_store_ratio_is_reported_by_du(store, suite):
     for name in ("base", "lora-0", "partial-0", "full-0"):
         store.ingest(suite[name], name=name, base=None if name == "base" else "base")
     usage = store.du().as_dict()
-    assert usage["logical_bytes"] == sum(sum(f.stat().st_size for f in suite[n].rglob("*") if f.is_file())
-                                         for n in ("base", "lora-0", "partial-0", "full-0"))
+    assert usage["logical_bytes"] == sum(
+        sum(f.stat().st_size for f in suite[n].rglob("*") if f.is_file())
+        for n in ("base", "lora-0", "partial-0", "full-0")
+    )
     assert usage["ratio"] < 0.7  # four models with three deltas: well under their raw size
     assert set(usage["by_codec"]) >= {"grouped_zstd", "xor_grouped_zstd"}
 
@@ -200,14 +203,26 @@ def test_every_safetensors_dtype_round_trips(store, tmp_path):
     folder = tmp_path / "dtypes"
     folder.mkdir()
     tensors = {}
-    for name, dtype in [("bf16", torch.bfloat16), ("f16", torch.float16), ("f32", torch.float32),
-                        ("f64", torch.float64), ("i8", torch.int8), ("u8", torch.uint8), ("i16", torch.int16),
-                        ("i32", torch.int32), ("i64", torch.int64), ("bool", torch.bool),
-                        ("f8e4m3", torch.float8_e4m3fn), ("f8e5m2", torch.float8_e5m2),
-                        ("u16", torch.uint16), ("u32", torch.uint32), ("u64", torch.uint64),
-                        ("c64", torch.complex64)]:
+    for name, dtype in [
+        ("bf16", torch.bfloat16),
+        ("f16", torch.float16),
+        ("f32", torch.float32),
+        ("f64", torch.float64),
+        ("i8", torch.int8),
+        ("u8", torch.uint8),
+        ("i16", torch.int16),
+        ("i32", torch.int32),
+        ("i64", torch.int64),
+        ("bool", torch.bool),
+        ("f8e4m3", torch.float8_e4m3fn),
+        ("f8e5m2", torch.float8_e5m2),
+        ("u16", torch.uint16),
+        ("u32", torch.uint32),
+        ("u64", torch.uint64),
+        ("c64", torch.complex64),
+    ]:
         base = torch.randn(3000) * 10
-        tensors[name] = (base.to(dtype) if dtype not in (torch.bool,) else base > 0)
+        tensors[name] = base.to(dtype) if dtype not in (torch.bool,) else base > 0
     tensors["scalar"] = torch.tensor(3.5)
     tensors["empty"] = torch.zeros(0, 4)
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt", "note": "all dtypes"})
