@@ -989,9 +989,10 @@ def identity_on_equal_inputs(method: str, shared: Mapping[str, Any]) -> bool:
     Exactly (up to the sign of zeros) for the task-arithmetic family (the delta is 0; lambda must be
     finite), sce (all-zero task vectors are erased), model_stock (ratio 0 keeps the base) and slerp with
     t = 0 or 1; up to float rounding of the computation for linear with normalize (sum w*x / sum w:
-    about sum|w| / |sum w| ulp) and nearswap (a few ulp). False where it may not hold: linear without
-    normalize (weights need not sum to 1), slerp with 0 < t < 1 (a tensor of norm <= 1e-8 is scaled), nuslerp without base (tiny rows),
-    multislerp (fails with a base and 3+ inputs), karcher (norms <= tol become 0), passthrough (scale).
+    about sum|w| / |sum w| ulp) and nearswap (a few ulp). False where it may not hold: linear
+    without normalize (weights need not sum to 1), slerp with 0 < t < 1 (a tensor of norm <= 1e-8 is
+    scaled), nuslerp without base (tiny rows), multislerp (fails with a base and 3+ inputs), karcher
+    (norms <= tol become 0), passthrough (scale).
     Random methods hold too: a zero delta stays zero whatever the mask. mergekit itself turns inf - inf
     into NaN, so this does not hold for tensors with inf or NaN.
     """
