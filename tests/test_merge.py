@@ -272,3 +272,24 @@ def test_kill9_during_merge_leaves_no_snapshot_and_fsck_clean(small_suite, tmp_p
     with Store.open(path) as s:
         assert s.fsck().ok
         assert len(dict(s.tensors("merged"))) == len(s.manifest("base").tensors)
+
+
+def test_config_and_tokenizer_come_from_the_tokenizer_source(mstore, tmp_path, suite):
+    import shutil
+
+    tok_model = tmp_path / "with-tokenizer"
+    shutil.copytree(suite["full-0"], tok_model)
+    (tok_model / "tokenizer.json").write_text('{"model": "from full"}')
+    (tok_model / "README.md").write_text("not carried along")
+    with Store.open(mstore) as s:
+        s.ingest(tok_model, name="tok", base="base")
+    for source, expect_tokenizer in (("tok", True), ("base", False)):
+        text = TA.replace("  - model: full\n", "  - model: tok\n") + f"tokenizer_source: {source}\n"
+        out = tmp_path / f"out-{source}"
+        assert _merge(mstore, _write(tmp_path, text, f"{source}.yml"), "--name", f"t-{source}").exit_code == 0
+        assert CliRunner().invoke(cli, ["--store", str(mstore), "export", f"t-{source}", str(out)]).exit_code == 0
+        assert (out / "tokenizer.json").exists() == expect_tokenizer
+        assert not (out / "README.md").exists()
+        if expect_tokenizer:
+            assert (out / "tokenizer.json").read_text() == '{"model": "from full"}'
+        assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
