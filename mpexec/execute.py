@@ -23,12 +23,13 @@ from mpstore.errors import ConflictError
 from mpstore.manifest_log import Commit
 from mpstore.snapshot import FileEntry, Manifest, Segment, TensorEntry
 from mpstore.torch_dtypes import TORCH_DTYPES, to_torch
-from mpstore.writer import BlockSink, process_block, split_blocks, store_literal
+from mpstore.writer import BlockSink, process_block, store_literal
 from mpstore.dtypes import dtype_named
 from mpstore.safetensors_io import build_prefix, index_json, plan_shards, shard_names
 
 from .methods import QueryError, identity_on_equal_inputs, merge_tensor
 from .plan import MergePlan, TensorPlan
+from .stream import stream_merge, streamable
 
 if TYPE_CHECKING:
     from mpstore import Store
@@ -60,6 +61,10 @@ TAGALONG = (
     "added_tokens.json",
     "chat_template.jinja",
 )
+# Tensors larger than this are merged in chunks of CHUNK_ELEMENTS per input (see mpexec.stream), so
+# memory stays flat whatever the model's size; smaller ones are merged whole.
+STREAM_MIN_ELEMENTS = 1 << 22
+CHUNK_ELEMENTS = 1 << 20
 TORCH_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 
@@ -152,10 +157,7 @@ def _gather(
 
 
 def _nbytes(tp: TensorPlan) -> int:
-    numel = 1
-    for d in tp.shape:
-        numel *= d
-    return dtype_named(tp.out_dtype).nbytes(numel)
+    return dtype_named(tp.out_dtype).nbytes(_numel(tp.shape))
 
 
 def _carried_files(store: "Store", plan: MergePlan, out_dtypes: set[str], sink: BlockSink) -> list[FileEntry]:
@@ -342,37 +344,152 @@ def _merge_one(
             _zero_stats(source) if base_entry is not None and base_entry.blocks == source.blocks else None,
         )
         return
-    cache = _gather(store, tp, entries, reader, result)
+    writer = _OutputWriter(store, pool, sink, tp, base_entry)
     compute = TORCH_DTYPES[tp.compute_dtype]
-    # One input at a time: its bytes are joined once and dropped when converted.
-    tensors = [
-        to_torch(bytearray(b"".join(cache[b] for b in e.blocks)), e.dtype, e.shape).to(device=dev, dtype=compute)
-        for e in entries
-    ]
-    cache = {b: cache[b] for b in base_entry.blocks} if base_entry is not None else {}  # kept for XOR coding
-    generator = torch.Generator().manual_seed(tensor_seed(seed, tp.name)) if plan.method.randomized else None
-    merged = merge_tensor(plan.method.name, tensors, tp.base_index, tp.shared, tp.per_input, generator)
-    del tensors
-    out = merged.to(dtype=TORCH_DTYPES[tp.out_dtype]).to("cpu").contiguous()
-    raw_out = out.reshape(-1).view(torch.uint8).numpy().tobytes() if out.numel() else b""
-    dtype = dtype_named(tp.out_dtype)
-    chunks = split_blocks(memoryview(raw_out), dtype, store.block_bytes)
-    base_blocks = base_entry.blocks if base_entry is not None else [None] * len(chunks)
-    jobs = [
-        pool.submit(process_block, store, dtype, chunk, None, bb, sink, cache.get(bb) if bb else None)
-        for chunk, bb in zip(chunks, base_blocks)
-    ]
-    ids, stats = [], []
-    for chunk, job in zip(chunks, jobs):
-        bid, st, encoded = job.result()
-        if encoded is not None and bid not in sink.written:
-            codec, payload, ref = encoded
-            sink.add(bid, codec, dtype.group_width, len(chunk), payload, ref)
-        ids.append(bid)
-        stats.append(st)
-    out_entries[tp.name] = TensorEntry(
-        tp.name, tp.out_dtype, tp.shape, tuple(ids), tuple(stats) if base_entry is not None else None
-    )
+    out_dtype = TORCH_DTYPES[tp.out_dtype]
+    cols = tp.shape[-1] if tp.shape else 1
+    if _numel(tp.shape) > STREAM_MIN_ELEMENTS and len(tp.shape) >= 2 and streamable(plan.method.name, tp.shared):
+        rows = _RowReader(store, tp, entries, reader, result, compute, dev, cols)
+        seeds = [tensor_seed(seed, f"{tp.name}#{k}") for k in range(len(entries))]
+        for chunk in stream_merge(
+            plan.method.name,
+            rows,
+            _numel(tp.shape) // cols,
+            max(1, CHUNK_ELEMENTS // cols),
+            tp.base_index,
+            tp.shared,
+            tp.per_input,
+            seeds,
+        ):
+            writer.write(chunk.to(dtype=out_dtype).to("cpu"), rows.cache)
+    else:
+        cache = _gather(store, tp, entries, reader, result)
+        # One input at a time: its bytes are joined once and dropped when converted.
+        tensors = [
+            to_torch(bytearray(b"".join(cache[b] for b in e.blocks)), e.dtype, e.shape).to(device=dev, dtype=compute)
+            for e in entries
+        ]
+        cache = {b: cache[b] for b in base_entry.blocks} if base_entry is not None else {}  # kept for XOR coding
+        generator = torch.Generator().manual_seed(tensor_seed(seed, tp.name)) if plan.method.randomized else None
+        merged = merge_tensor(plan.method.name, tensors, tp.base_index, tp.shared, tp.per_input, generator)
+        del tensors
+        writer.write(merged.to(dtype=out_dtype).to("cpu"), cache)
+    out_entries[tp.name] = writer.finish()
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+class _RowReader:
+    """Rows [r0, r1) of every input, as tensors; each block is read once per pass (base first, blocks
+    equal to the base's or to another input's taken from memory), the blocks that straddle the end of
+    the chunk kept for the next one."""
+
+    def __init__(self, store, tp: TensorPlan, entries, reader: _Reader, result: MergeResult, compute, dev, cols):
+        self.store, self.tp, self.entries, self.reader, self.result = store, tp, entries, reader, result
+        self.compute, self.dev, self.cols = compute, dev, cols
+        self.cache: dict[bytes, bytes] = {}
+        self.per_block = [dtype_named(e.dtype).block_elements(store.block_bytes) for e in entries]
+
+    def __call__(self, r0: int, r1: int) -> list[torch.Tensor]:
+        e0, e1 = r0 * self.cols, r1 * self.cols
+        spans = [(e0 // n, (e1 - 1) // n) for n in self.per_block]
+        ids = [list(e.blocks[i0 : i1 + 1]) for e, (i0, i1) in zip(self.entries, spans)]
+        b = self.tp.base_index
+        cache = {k: v for k, v in self.cache.items()}
+        if b is not None:
+            self.result.bytes_read_base += self.reader.read(ids[b], cache)
+        wanted: dict[bytes, None] = {}
+        base_ids = self.entries[b].blocks if b is not None else ()
+        for k, blocks in enumerate(ids):
+            if k == b:
+                continue
+            for j, block in enumerate(blocks, start=spans[k][0]):
+                if block in cache or block in wanted:
+                    same = j < len(base_ids) and base_ids[j] == block
+                    self.result.blocks_skipped["same_as_base" if same else "shared"] += 1
+                else:
+                    wanted[block] = None
+        self.result.bytes_read_experts += self.reader.read(list(wanted), cache)
+        tensors = []
+        for e, blocks, (i0, _), per in zip(self.entries, ids, spans, self.per_block):
+            width = dtype_named(e.dtype).bits // 8
+            raw = b"".join(cache[x] for x in blocks)[(e0 - i0 * per) * width : (e1 - i0 * per) * width]
+            tensors.append(
+                to_torch(bytearray(raw), e.dtype, (r1 - r0, self.cols)).to(device=self.dev, dtype=self.compute)
+            )
+        # keep the blocks that reach past this chunk, and everything of it for the output's XOR coding
+        self.cache = {x: cache[x] for blocks in ids for x in blocks}
+        return tensors
+
+
+class _OutputWriter:
+    """Cuts a tensor's output bytes into blocks as they arrive and hands each to mpstore.writer."""
+
+    def __init__(self, store, pool: ThreadPoolExecutor, sink: BlockSink, tp: TensorPlan, base_entry):
+        self.store, self.pool, self.sink, self.tp = store, pool, sink, tp
+        self.dtype = dtype_named(tp.out_dtype)
+        self.step = self.dtype.nbytes(self.dtype.block_elements(store.block_bytes))
+        self.base_blocks = base_entry.blocks if base_entry is not None else None
+        self.buffer = bytearray()
+        self.jobs: list = []
+        self.ids: list[bytes] = []
+        self.stats: list = []
+
+    def write(self, out: torch.Tensor, base_cache: dict[bytes, bytes]) -> None:
+        flat = out.contiguous().reshape(-1)
+        self.buffer += flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+        while len(self.buffer) >= self.step:
+            self._emit(bytes(self.buffer[: self.step]), base_cache)
+            del self.buffer[: self.step]
+
+    def _emit(self, chunk: bytes, base_cache: dict[bytes, bytes]) -> None:
+        j = len(self.jobs)
+        base_block = self.base_blocks[j] if self.base_blocks is not None else None
+        self.jobs.append(
+            (
+                len(chunk),
+                self.pool.submit(
+                    process_block,
+                    self.store,
+                    self.dtype,
+                    memoryview(chunk),
+                    None,
+                    base_block,
+                    self.sink,
+                    base_cache.get(base_block) if base_block else None,
+                ),
+            )
+        )
+        if len(self.jobs) - len(self.ids) > 8:
+            self._drain(len(self.jobs) - 4)
+
+    def _drain(self, upto: int) -> None:
+        for raw_len, job in self.jobs[len(self.ids) : upto]:
+            bid, st, encoded = job.result()
+            if encoded is not None and bid not in self.sink.written:
+                codec, payload, ref = encoded
+                self.sink.add(bid, codec, self.dtype.group_width, raw_len, payload, ref)
+            self.ids.append(bid)
+            self.stats.append(st)
+
+    def finish(self) -> TensorEntry:
+        if self.buffer:
+            self._emit(bytes(self.buffer), {})
+            self.buffer = bytearray()
+        self._drain(len(self.jobs))
+        tp = self.tp
+        return TensorEntry(
+            tp.name,
+            tp.out_dtype,
+            tp.shape,
+            tuple(self.ids),
+            tuple(self.stats) if self.base_blocks is not None else None,
+        )
 
 
 def _zero_stats(entry: TensorEntry) -> tuple:

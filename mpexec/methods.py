@@ -555,6 +555,33 @@ def _sign_consensus(deltas: torch.Tensor) -> torch.Tensor:
     return deltas.sign() == elected
 
 
+def combine_deltas(
+    base: torch.Tensor, deltas: torch.Tensor, weights: Sequence[float], consensus: bool, shared: Mapping[str, Any]
+) -> torch.Tensor:
+    """The task-arithmetic tail: base + lambda * mix(weight_i * delta_i), `deltas` [inputs, ...] already
+    sparsified (modified in place). Shared with the streaming executor, which sparsifies chunk by chunk."""
+    w = torch.tensor(list(weights), dtype=deltas.dtype, device=deltas.device)
+    w = w.reshape((-1,) + (1,) * base.ndim)
+    deltas.mul_(w)
+    if consensus:
+        agree = _sign_consensus(deltas)
+        mixed = deltas.mul_(agree).sum(dim=0)
+        if shared["normalize"]:
+            divisor = (w * agree).sum(dim=0)
+            divisor[divisor == 0] = 1
+            mixed /= divisor
+        del agree
+    else:
+        mixed = deltas.sum(dim=0)
+        if shared["normalize"]:
+            divisor = w.sum(dim=0)
+            divisor[divisor.abs() < 1e-8] = 1
+            mixed /= divisor
+    if shared["lambda"] != 1:
+        mixed *= shared["lambda"]
+    return (base + mixed).to(base.dtype)
+
+
 def _task_arithmetic_kernel(sparsification: str | None, consensus: bool) -> Kernel:
     """mergekit's GeneralizedTaskArithmeticMerge: base + lambda * mix(weight_i * sparsify(x_i - base)),
     mix being a sum (normalized by the sum of weights) or, with sign consensus, a sum over the deltas
@@ -579,27 +606,7 @@ def _task_arithmetic_kernel(sparsification: str | None, consensus: bool) -> Kern
                 _bernoulli_(delta, p["density"], shared["rescale"], generator)
             elif sparsification == "della_magprune":
                 _della_(delta, p["density"], p["epsilon"], shared["rescale"], generator)
-        weights = torch.tensor([per[i]["weight"] for i in others], dtype=deltas.dtype, device=deltas.device)
-        weights = weights.reshape((-1,) + (1,) * base.ndim)
-        deltas.mul_(weights)
-        if consensus:
-            agree = _sign_consensus(deltas)
-            mixed = deltas.mul_(agree).sum(dim=0)
-            if shared["normalize"]:
-                divisor = (weights * agree).sum(dim=0)
-                divisor[divisor == 0] = 1
-                mixed /= divisor
-            del agree
-        else:
-            mixed = deltas.sum(dim=0)
-            if shared["normalize"]:
-                divisor = weights.sum(dim=0)
-                divisor[divisor.abs() < 1e-8] = 1
-                mixed /= divisor
-        del deltas
-        if shared["lambda"] != 1:
-            mixed *= shared["lambda"]
-        return (base + mixed).to(base.dtype)
+        return combine_deltas(base, deltas, [per[i]["weight"] for i in others], consensus, shared)
 
     return kernel
 
@@ -848,16 +855,20 @@ def _passthrough(tensors, b, shared, per, generator):
     return tensors[0] if scale is None else tensors[0] * scale
 
 
+# The task-arithmetic family: method -> (sparsification, sign consensus).
+TASK_ARITHMETIC_FAMILY: dict[str, tuple[str | None, bool]] = {
+    "task_arithmetic": (None, False),
+    "ties": ("magnitude", True),
+    "dare_ties": ("random", True),
+    "dare_linear": ("random", False),
+    "breadcrumbs": ("magnitude_outliers", False),
+    "breadcrumbs_ties": ("magnitude_outliers", True),
+    "della": ("della_magprune", True),
+    "della_linear": ("della_magprune", False),
+}
 _KERNELS: dict[str, Kernel] = {
     "linear": _linear,
-    "task_arithmetic": _task_arithmetic_kernel(None, consensus=False),
-    "ties": _task_arithmetic_kernel("magnitude", consensus=True),
-    "dare_ties": _task_arithmetic_kernel("random", consensus=True),
-    "dare_linear": _task_arithmetic_kernel("random", consensus=False),
-    "breadcrumbs": _task_arithmetic_kernel("magnitude_outliers", consensus=False),
-    "breadcrumbs_ties": _task_arithmetic_kernel("magnitude_outliers", consensus=True),
-    "della": _task_arithmetic_kernel("della_magprune", consensus=True),
-    "della_linear": _task_arithmetic_kernel("della_magprune", consensus=False),
+    **{name: _task_arithmetic_kernel(sp, consensus=c) for name, (sp, c) in TASK_ARITHMETIC_FAMILY.items()},
     "slerp": _slerp,
     "nuslerp": _nuslerp,
     "multislerp": _multislerp,

@@ -27,8 +27,6 @@ from mergekit.options import MergeOptions  # noqa: E402
 
 from mpexec.merge import plan_merge, run_merge  # noqa: E402
 
-TOPK_METHODS = {"ties", "breadcrumbs", "breadcrumbs_ties", "sce"}
-
 CASES = {
     "linear": """
 merge_method: linear
@@ -301,28 +299,68 @@ def _mergekit(text: str, out: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _assert_close(name: str, ours: torch.Tensor, theirs: torch.Tensor, topk: bool) -> None:
-    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape, name
+def _differing(ours: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
+    """Elements beyond float32 rounding (bf16: more than one ulp apart)."""
+    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
     if ours.dtype == torch.bfloat16:
-        # within one bf16 ulp: adjacent bit patterns
         a, b = ours.view(torch.int16).int(), theirs.view(torch.int16).int()
-        bad = (a - b).abs() > 1
-    else:
-        a, b = ours.double(), theirs.double()
-        scale = theirs.abs().max().double().clamp(min=1e-30)
-        bad = (a - b).abs() > 1e-5 * b.abs() + 1e-6 * scale
-    allowed = int(0.001 * ours.numel()) if topk else 0
-    assert int(bad.sum()) <= allowed, f"{name}: {int(bad.sum())} of {ours.numel()} elements differ"
+        return (a - b).abs() > 1
+    a, b = ours.double(), theirs.double()
+    scale = theirs.abs().max().double().clamp(min=1e-30)
+    return (a - b).abs() > 1e-5 * b.abs() + 1e-6 * scale
+
+
+def _tied_at_cut(store: Store, tp) -> torch.Tensor:
+    """Elements whose |delta| equals a magnitude at the edge of some input's kept window (ties, breadcrumbs):
+    which of several equal magnitudes a top-k keeps is arbitrary, in mergekit as here."""
+    inputs = [dict(store.tensors(i.snapshot, [i.tensor]))[i.tensor].float() for i in tp.inputs]
+    base = inputs[tp.base_index]
+    tied = torch.zeros(base.shape, dtype=torch.bool)
+    for k, x in enumerate(inputs):
+        if k == tp.base_index or tp.per_input[k]["density"] >= 1:
+            continue
+        magnitude = (x - base).abs()
+        n = magnitude.numel()
+        ranked = torch.sort(magnitude.reshape(-1), descending=True).values
+        density, gamma = tp.per_input[k]["density"], tp.per_input[k].get("gamma")
+        if gamma is None:
+            start, stop = 0, max(1, int(density * n))
+        else:
+            target, n_top = int(density * n), int(gamma * n)
+            start = n - max(0, n - target - n_top) - target
+            stop = start + target
+        for edge in {start, stop - 1} & set(range(n)):
+            tied |= magnitude == ranked[edge]
+    return tied
+
+
+@pytest.fixture(params=["whole", "streamed"])
+def execution(request, monkeypatch) -> str:
+    """Run each case twice: tensors merged whole, and every tensor streamed in small chunks."""
+    if request.param == "streamed":
+        import mpexec.execute
+
+        monkeypatch.setattr(mpexec.execute, "STREAM_MIN_ELEMENTS", 0)
+        monkeypatch.setattr(mpexec.execute, "CHUNK_ELEMENTS", 2048)
+    return request.param
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_same_yaml_same_tensors_as_mergekit(case, suite, parity_store, tmp_path):
+def test_same_yaml_same_tensors_as_mergekit(case, execution, suite, parity_store, tmp_path):
     text = _yaml(case, suite)
     theirs = _mergekit(text, tmp_path / "mergekit")
     plan = plan_merge(parity_store, text, source=f"{case}.yml")
-    result = run_merge(parity_store, plan, name=f"merged/{case}")
+    result = run_merge(parity_store, plan, name=f"merged/{case}", force=True)
     ours = dict(parity_store.tensors(result.id))
     assert set(ours) == set(theirs), set(ours) ^ set(theirs)
     method = plan.method.name
+    plans = {tp.name: tp for tp in plan.tensors}
     for name in sorted(theirs):
-        _assert_close(name, ours[name], theirs[name], method in TOPK_METHODS)
+        bad = _differing(ours[name], theirs[name])
+        if method in ("ties", "breadcrumbs", "breadcrumbs_ties") and bad.any():
+            untied = bad & ~_tied_at_cut(parity_store, plans[name])
+            assert not untied.any(), f"{name}: {int(untied.sum())} elements differ that are not ties at the cut"
+        elif method == "sce":  # its top-k by variance may also pick among ties: at most 0.1%
+            assert int(bad.sum()) <= int(0.001 * bad.numel()), f"{name}: {int(bad.sum())} elements differ"
+        else:
+            assert not bad.any(), f"{name}: {int(bad.sum())} of {bad.numel()} elements differ"
