@@ -348,7 +348,11 @@ def _merge_one(
     compute = TORCH_DTYPES[tp.compute_dtype]
     out_dtype = TORCH_DTYPES[tp.out_dtype]
     cols = tp.shape[-1] if tp.shape else 1
-    if _numel(tp.shape) > STREAM_MIN_ELEMENTS and len(tp.shape) >= 2 and streamable(plan.method.name, tp.shared):
+    if (
+        _numel(tp.shape) > STREAM_MIN_ELEMENTS
+        and len(tp.shape) >= 2
+        and streamable(plan.method.name, tp.shared, len(tp.shape))
+    ):
         rows = _RowReader(store, tp, entries, reader, result, compute, dev, cols)
         seeds = [tensor_seed(seed, f"{tp.name}#{k}") for k in range(len(entries))]
         for chunk in stream_merge(

@@ -310,12 +310,22 @@ def _differing(ours: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
     return (a - b).abs() > 1e-5 * b.abs() + 1e-6 * scale
 
 
-def _tied_at_cut(store: Store, tp) -> torch.Tensor:
-    """Elements whose |delta| equals a magnitude at the edge of some input's kept window (ties, breadcrumbs):
-    which of several equal magnitudes a top-k keeps is arbitrary, in mergekit as here."""
+def _tied_at_cut(store: Store, tp, method: str) -> torch.Tensor:
+    """Elements whose ranking value (|delta| for ties and breadcrumbs, the variance across inputs for
+    sce) equals the value at the edge of a kept window: which of several equal values a top-k keeps is
+    arbitrary, in mergekit as here."""
     inputs = [dict(store.tensors(i.snapshot, [i.tensor]))[i.tensor].float() for i in tp.inputs]
     base = inputs[tp.base_index]
     tied = torch.zeros(base.shape, dtype=torch.bool)
+    if method == "sce":
+        variance = torch.var(
+            torch.stack([x - base for k, x in enumerate(inputs) if k != tp.base_index]), 0, unbiased=False
+        )
+        k = int(torch.count_nonzero(variance) * tp.shared["select_topk"])
+        if 0 < k:
+            cut = torch.sort(variance.reshape(-1), descending=True).values[k - 1]
+            tied |= variance == cut
+        return tied
     for k, x in enumerate(inputs):
         if k == tp.base_index or tp.per_input[k]["density"] >= 1:
             continue
@@ -357,10 +367,30 @@ def test_same_yaml_same_tensors_as_mergekit(case, execution, suite, parity_store
     plans = {tp.name: tp for tp in plan.tensors}
     for name in sorted(theirs):
         bad = _differing(ours[name], theirs[name])
-        if method in ("ties", "breadcrumbs", "breadcrumbs_ties") and bad.any():
-            untied = bad & ~_tied_at_cut(parity_store, plans[name])
+        if not bad.any():
+            continue
+        if method in ("ties", "breadcrumbs", "breadcrumbs_ties", "sce"):
+            untied = bad & ~_tied_at_cut(parity_store, plans[name], method)
+            if method == "sce":
+                # which tied elements sce keeps also moves its per-input weights (mean squares over the
+                # kept elements) a little, and with them every element: bounded, not rounding
+                a, b = ours[name].double(), theirs[name].double()
+                untied &= (a - b).abs() > 1e-3 * b.abs() + 1e-6 * b.abs().max()
             assert not untied.any(), f"{name}: {int(untied.sum())} elements differ that are not ties at the cut"
-        elif method == "sce":  # its top-k by variance may also pick among ties: at most 0.1%
-            assert int(bad.sum()) <= int(0.001 * bad.numel()), f"{name}: {int(bad.sum())} elements differ"
+        elif method == "karcher" and execution == "streamed":
+            _assert_nearer_exact_than_mergekit(parity_store, plans[name], ours[name], theirs[name])
         else:
-            assert not bad.any(), f"{name}: {int(bad.sum())} of {bad.numel()} elements differ"
+            assert False, f"{name}: {int(bad.sum())} of {bad.numel()} elements differ"
+
+
+def _assert_nearer_exact_than_mergekit(store: Store, tp, ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    """karcher on near-parallel tensors is ill-conditioned in float32: mergekit's own error against the
+    exact (float64) answer exceeds float32 rounding. The streamed karcher works in float64 and must be
+    at least as close to the exact answer as mergekit is."""
+    from mpexec.methods import merge_tensor
+
+    inputs = [dict(store.tensors(i.snapshot, [i.tensor]))[i.tensor].double() for i in tp.inputs]
+    exact = merge_tensor("karcher", inputs, None, tp.shared, tp.per_input)
+    ours_error = float((ours.double() - exact).abs().max())
+    theirs_error = float((theirs.double() - exact).abs().max())
+    assert ours_error <= theirs_error, (ours_error, theirs_error)
