@@ -344,7 +344,7 @@ def _merge_one(
             _zero_stats(source) if base_entry is not None and base_entry.blocks == source.blocks else None,
         )
         return
-    writer = _OutputWriter(store, pool, sink, tp, base_entry)
+    writer = _OutputWriter(store, pool, sink, tp, base_entry, reader, result)
     compute = TORCH_DTYPES[tp.compute_dtype]
     out_dtype = TORCH_DTYPES[tp.out_dtype]
     cols = tp.shape[-1] if tp.shape else 1
@@ -434,8 +434,11 @@ class _RowReader:
 class _OutputWriter:
     """Cuts a tensor's output bytes into blocks as they arrive and hands each to mpstore.writer."""
 
-    def __init__(self, store, pool: ThreadPoolExecutor, sink: BlockSink, tp: TensorPlan, base_entry):
+    def __init__(self, store, pool: ThreadPoolExecutor, sink: BlockSink, tp: TensorPlan, base_entry,
+                 reader: _Reader, result: MergeResult):
         self.store, self.pool, self.sink, self.tp = store, pool, sink, tp
+        self.reader, self.result = reader, result
+        self.base_cache: dict[bytes, bytes] = {}
         self.dtype = dtype_named(tp.out_dtype)
         self.step = self.dtype.nbytes(self.dtype.block_elements(store.block_bytes))
         self.base_blocks = base_entry.blocks if base_entry is not None else None
@@ -445,6 +448,8 @@ class _OutputWriter:
         self.stats: list = []
 
     def write(self, out: torch.Tensor, base_cache: dict[bytes, bytes]) -> None:
+        """Append output values; `base_cache` holds base blocks already read (for XOR coding)."""
+        self.base_cache = base_cache
         flat = out.contiguous().reshape(-1)
         self.buffer += flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
         while len(self.buffer) >= self.step:
@@ -454,6 +459,10 @@ class _OutputWriter:
     def _emit(self, chunk: bytes, base_cache: dict[bytes, bytes]) -> None:
         j = len(self.jobs)
         base_block = self.base_blocks[j] if self.base_blocks is not None else None
+        if base_block is not None and base_block not in base_cache:
+            # the base is not an input of this tensor (or this block was read in an earlier chunk):
+            # read it here, so the I/O is counted
+            self.result.bytes_read_base += self.reader.read([base_block], base_cache)
         self.jobs.append(
             (
                 len(chunk),
@@ -483,7 +492,7 @@ class _OutputWriter:
 
     def finish(self) -> TensorEntry:
         if self.buffer:
-            self._emit(bytes(self.buffer), {})
+            self._emit(bytes(self.buffer), self.base_cache)
             self.buffer = bytearray()
         self._drain(len(self.jobs))
         tp = self.tp
