@@ -27,7 +27,7 @@ from mpstore.writer import BlockSink, process_block, store_literal
 from mpstore.dtypes import dtype_named
 from mpstore.safetensors_io import build_prefix, index_json, plan_shards, shard_names
 
-from .methods import QueryError, identity_on_equal_inputs, merge_tensor
+from .methods import TASK_ARITHMETIC_FAMILY, QueryError, identity_on_equal_inputs, merge_tensor
 from .plan import MergePlan, TensorPlan
 from .stream import stream_merge, streamable
 
@@ -36,18 +36,8 @@ if TYPE_CHECKING:
 
 ENGINE_VERSION = "mpexec 0.1.0"
 DEFAULT_SHARD_BYTES = 5 * 10**9  # mergekit's default --out-shard-size
-# Methods whose output equals the base wherever every input equals the base (a zero delta adds nothing).
-DELTA_METHODS = {
-    "task_arithmetic",
-    "ties",
-    "dare_ties",
-    "dare_linear",
-    "breadcrumbs",
-    "breadcrumbs_ties",
-    "della",
-    "della_linear",
-    "sce",
-}
+# Methods whose output is exactly the base when every input equals the base (a zero delta adds nothing).
+DELTA_METHODS = set(TASK_ARITHMETIC_FAMILY) | {"sce"}
 # Files of the base (or tokenizer source) that a merged model carries along, as mergekit does.
 TAGALONG = (
     "generation_config.json",

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Callable
 
 from mpstore.errors import AmbiguousRefError, NotFoundError
 
-from .execute import DEFAULT_SHARD_BYTES, MergeResult, execute_plan
+from .execute import execute_plan as run_merge  # noqa: F401  (the entry point's public name)
 from .methods import QueryError
 from .plan import MergePlan, build_plan
 from .query import MergeQuery, parse_query
@@ -68,18 +68,3 @@ def plan_merge(
     get_method(query.merge_method)  # an unknown method fails before any model is resolved
     models = resolve_models(store, query, config_dir, ingest, on_ingest)
     return build_plan(store, query, models)
-
-
-def run_merge(
-    store: "Store",
-    plan: MergePlan,
-    name: str | None,
-    seed: int = 0,
-    device: str = "cpu",
-    shard_bytes: int = DEFAULT_SHARD_BYTES,
-    force: bool = False,
-    progress: Callable[[str], None] | None = None,
-) -> MergeResult:
-    return execute_plan(
-        store, plan, name, seed=seed, device=device, shard_bytes=shard_bytes, force=force, progress=progress
-    )
