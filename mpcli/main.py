@@ -109,16 +109,18 @@ def cli(ctx: click.Context, store_path: Path | None) -> None:
     """MergePipe: a parameter store for merging LLMs.
 
     Ingest a base model and its fine-tuned experts once; identical blocks are stored once and experts
-    are kept as compressed XOR deltas of their base. Every change is an atomic commit.
+    are kept as compressed XOR deltas of their base. Merge them with mergekit YAML files; every merge
+    is a snapshot with its lineage. Every change is an atomic commit.
 
     \b
     Typical session:
       mpstore init
       mpstore ingest ./llama-base --name base
       mpstore ingest ./llama-math --name experts/math --base base
-      mpstore ls
-      mpstore export experts/math ./out/math
-      mpstore fsck
+      mpstore merge merge.yml --explain
+      mpstore merge merge.yml --name merged/v1
+      mpstore export merged/v1 ./out/merged
+      mpstore ls; mpstore log merged/v1; mpstore fsck
 
     A REF is a name (base, experts/math) or a unique prefix (4+ hex digits) of a snapshot id.
     """
