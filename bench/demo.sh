@@ -20,7 +20,7 @@ echo "== exporting experts/full-0 and comparing every file"
 $mp export experts/full-0 demo/export/full-0
 (cd demo/models/full-0 && sha256sum $(find . -type f | sort)) > demo/source.sha256
 (cd demo/export/full-0 && sha256sum -c ../../source.sha256)
-echo "== merging the six experts with TIES (a mergekit YAML; the models are store refs)"
+echo "== merging three experts with TIES (a mergekit YAML; the models are store refs)"
 cat > demo/merge.yml <<'YAML'
 merge_method: ties
 base_model: base
