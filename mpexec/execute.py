@@ -363,7 +363,8 @@ def _merge_one(
             to_torch(bytearray(b"".join(cache[b] for b in e.blocks)), e.dtype, e.shape).to(device=dev, dtype=compute)
             for e in entries
         ]
-        cache = {b: cache[b] for b in base_entry.blocks} if base_entry is not None else {}  # kept for XOR coding
+        # base blocks in hand are kept for XOR coding (the writer reads the others)
+        cache = {b: cache[b] for b in base_entry.blocks if b in cache} if base_entry is not None else {}
         generator = torch.Generator().manual_seed(tensor_seed(seed, tp.name)) if plan.method.randomized else None
         merged = merge_tensor(plan.method.name, tensors, tp.base_index, tp.shared, tp.per_input, generator)
         del tensors

@@ -79,7 +79,8 @@ def stream_merge(
         prune = _RankWindowPruner(read, spans, base_index, others, per_input, sparsification)
     else:
         prune = _RandomPruner(read, spans, base_index, others, per_input, sparsification, seeds)
-    scales = prune.l1_scales() if shared["rescale"] else {i: 1.0 for i in others}
+    pruning = any(per_input[i]["density"] < 1 for i in others)
+    scales = prune.l1_scales() if shared["rescale"] and pruning else {i: 1.0 for i in others}
     prune.restart()
     for r0, r1 in spans:
         tensors = read(r0, r1)

@@ -293,3 +293,21 @@ def test_config_and_tokenizer_come_from_the_tokenizer_source(mstore, tmp_path, s
         if expect_tokenizer:
             assert (out / "tokenizer.json").read_text() == '{"model": "from full"}'
         assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+
+
+def test_base_that_is_not_an_input_still_serves_as_xor_reference(mstore, tmp_path):
+    # linear ignores the base; in slices form the base need not be among the sources at all
+    text = (
+        "merge_method: linear\nbase_model: base\nslices:\n  - sources:\n"
+        "      - model: lora\n        layer_range: [0, 4]\n        parameters: {weight: 0.5}\n"
+        "      - model: full\n        layer_range: [0, 4]\n        parameters: {weight: 0.5}\n"
+    )
+    with Store.open(mstore) as s:
+        result = run_merge(s, plan_merge(s, text), name="lin")
+        assert result.bytes_read_base > 0  # base blocks read only to XOR-code the output
+        assert s.fsck().ok
+        merged = dict(s.tensors("lin"))
+        lora, full = dict(s.tensors("lora")), dict(s.tensors("full"))
+    name = "model.layers.2.mlp.up_proj.weight"
+    expected = ((lora[name].float() * 0.5 + full[name].float() * 0.5) / 1.0).to(torch.bfloat16)
+    assert torch.equal(merged[name], expected)
