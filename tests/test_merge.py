@@ -311,3 +311,29 @@ def test_base_that_is_not_an_input_still_serves_as_xor_reference(mstore, tmp_pat
     name = "model.layers.2.mlp.up_proj.weight"
     expected = ((lora[name].float() * 0.5 + full[name].float() * 0.5) / 1.0).to(torch.bfloat16)
     assert torch.equal(merged[name], expected)
+
+
+def _rchar() -> int:
+    for line in open("/proc/self/io"):
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_reported_bytes_read_match_the_process_io_counters(mstore, tmp_path, monkeypatch, streamed):
+    if streamed:
+        import mpexec.execute
+
+        monkeypatch.setattr(mpexec.execute, "STREAM_MIN_ELEMENTS", 0)
+        monkeypatch.setattr(mpexec.execute, "CHUNK_ELEMENTS", 2048)
+    text = TA.replace("task_arithmetic", "ties").replace("{weight: 0.5}", "{weight: 0.5, density: 0.5}")
+    text = text.replace("{weight: [0.2, 1.0]}", "{weight: [0.2, 1.0], density: 0.7}")
+    with Store.open(mstore) as s:
+        plan = plan_merge(s, text)
+        before = _rchar()
+        result = run_merge(s, plan, name=f"io-{streamed}")
+        read = _rchar() - before
+    assert result.bytes_read == result.bytes_read_base + result.bytes_read_experts > 0
+    # the process read the packs (pread) and a few small files (log tail, config.json blocks)
+    assert result.bytes_read <= read <= result.bytes_read * 1.01 + 64 * 1024, (result.bytes_read, read)
