@@ -550,24 +550,39 @@ def merge(
     notify = None if as_json else (lambda model: click.echo(f"ingesting {model} (not in the store yet)", err=True))
     plan = plan_merge(store, text, source=str(config), config_dir=config.parent, ingest=not explain, on_ingest=notify)
     if explain:
-        rows = [tp.describe() for tp in plan.tensors]
+        from mpexec.cost import explain_costs
+
+        costs = explain_costs(store, plan)
+        rows = [{**tp.describe(), **costs["tensors"][tp.name]} for tp in plan.tensors]
         doc = {
             "method": plan.method.name,
             "base_model": plan.base,
             "inputs": {m: sid.hex() for m, sid in plan.models.items()},
+            **{k: v for k, v in costs.items() if k != "tensors"},
             "tensors": rows,
         }
         if as_json:
             emit_json(doc)
             return
         click.echo(f"merge_method: {plan.method.name}; base: {plan.base or '-'}; {len(rows)} output tensors")
+        skipped = costs["estimated_blocks_skipped"]
+        click.echo(
+            f"estimated: read {human_bytes(costs['estimated_bytes_read'])} (base "
+            f"{human_bytes(costs['estimated_bytes_read_base'])}, experts "
+            f"{human_bytes(costs['estimated_bytes_read_experts'])}), {costs['estimated_blocks_read']} blocks; "
+            f"skip {skipped['same_as_base']} same as base, {skipped['shared']} shared; output "
+            f"{human_bytes(costs['estimated_output_bytes'])}; about {costs['estimated_seconds']:.1f} s"
+        )
         for m, sid in plan.models.items():
             click.echo(f"  input {m} = {short(sid)}")
         for tp in plan.tensors:
             op = "copy" if tp.copy_from is not None else plan.method.name
             shared = ", ".join(f"{k}={v}" for k, v in tp.shared.items())
+            cost = costs["tensors"][tp.name]
             click.echo(
-                f"{tp.name} [{'x'.join(map(str, tp.shape))} {tp.out_dtype}] {op}" + (f" ({shared})" if shared else "")
+                f"{tp.name} [{'x'.join(map(str, tp.shape))} {tp.out_dtype}] {op}"
+                + (f" ({shared})" if shared else "")
+                + f"  {cost['mode']}, reads {human_bytes(cost['bytes_read'])}"
             )
             for k, inp in enumerate(tp.inputs):
                 params = ", ".join(f"{p}={v}" for p, v in tp.per_input[k].items())
@@ -630,6 +645,24 @@ def gc(ctx: Context, no_wait: bool, as_json: bool) -> None:
         f"{report.packs_rewritten} packs, deleted {report.orphan_packs_removed} orphan packs; "
         f"freed {human_bytes(report.bytes_freed)}"
     )
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the rates as JSON.")
+@pass_ctx
+def calibrate(ctx: Context, as_json: bool) -> None:
+    """Measure this machine's read, decode, encode and compute rates for the cost model.
+
+    The rates are kept in the store (calibration.json) and used by `merge --explain`'s estimates.
+    """
+    from mpexec.cost import calibrate as run_calibration
+
+    rates = run_calibration(ctx.store)
+    if as_json:
+        emit_json(rates)
+        return
+    for key, value in rates.items():
+        click.echo(f"{key:24} {value / 1e6:10.1f} M/s")
 
 
 @cli.command()

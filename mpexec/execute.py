@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from mpstore.codecs import Codec
 from mpstore.errors import ConflictError
 from mpstore.manifest_log import Commit
 from mpstore.snapshot import FileEntry, Manifest, Segment, TensorEntry
@@ -29,7 +30,7 @@ from mpstore.safetensors_io import build_prefix, index_json, plan_shards, shard_
 
 from .methods import TASK_ARITHMETIC_FAMILY, QueryError, identity_on_equal_inputs, merge_tensor
 from .plan import MergePlan, TensorPlan
-from .stream import stream_merge, streamable
+from .stream import stream_merge, stream_passes, streamable
 
 if TYPE_CHECKING:
     from mpstore import Store
@@ -104,23 +105,49 @@ def tensor_seed(seed: int, tensor: str) -> int:
 
 
 class _Reader:
-    """Reads input blocks once per tensor, taking XOR references from blocks already in hand."""
+    """Reads input blocks once per tensor, taking XOR references from blocks already in hand.
 
-    def __init__(self, store: "Store", pool: ThreadPoolExecutor, result: MergeResult):
-        self.store, self.pool, self.result = store, pool, result
+    A dry reader reads nothing: it counts the bytes a real one would take from the packs (the record,
+    plus its XOR reference when that is not in hand) and marks the blocks as held. EXPLAIN's
+    estimates are the executor's own read logic run dry.
+    """
+
+    def __init__(self, store: "Store", pool: ThreadPoolExecutor | None, result: MergeResult, dry: bool = False):
+        self.store, self.pool, self.result, self.dry = store, pool, result, dry
+        self.raw_bytes = 0  # decoded bytes (dry runs only: what decoding will cost)
 
     def read(self, blocks: list[bytes], cache: dict[bytes, bytes]) -> int:
-        """Read the blocks not in `cache` into it; returns the bytes taken from pack files."""
+        """Read the blocks not in `cache` into it; returns the bytes taken from pack files.
+
+        Plain blocks go first, so an XOR-coded block whose reference is among them finds it in hand
+        instead of reading it a second time (and the count does not depend on thread timing).
+        """
         wanted = [b for b in dict.fromkeys(blocks) if b not in cache]
-        before = self.store.packs.bytes_read
-
-        def one(block: bytes) -> bytes:
-            loc = self.store.location(block)
-            return self.store.read_block(block, loc, ref_raw=cache.get(loc.ref))
-
-        for block, raw in zip(wanted, self.pool.map(one, wanted)):
-            cache[block] = raw
         self.result.blocks_read += len(wanted)
+        locs = {b: self.store.location(b) for b in wanted}
+        plain = [b for b in wanted if locs[b].codec != Codec.XOR_GROUPED_ZSTD]
+        coded = [b for b in wanted if locs[b].codec == Codec.XOR_GROUPED_ZSTD]
+        if self.dry:
+            total = 0
+            for group in (plain, coded):
+                for block in group:
+                    loc = locs[block]
+                    total += loc.record_len
+                    self.raw_bytes += loc.raw_len
+                    if loc.codec == Codec.XOR_GROUPED_ZSTD and loc.ref not in cache:
+                        total += self.store.location(loc.ref).record_len
+                for block in group:
+                    cache[block] = b""
+            return total
+        before = self.store.packs.bytes_read
+        for group in (plain, coded):
+
+            def one(block: bytes) -> bytes:
+                loc = locs[block]
+                return self.store.read_block(block, loc, ref_raw=cache.get(loc.ref))
+
+            for block, raw in zip(group, list(self.pool.map(one, group))):
+                cache[block] = raw
         return self.store.packs.bytes_read - before
 
 
@@ -307,22 +334,8 @@ def _merge_one(
     out_entries: dict[str, TensorEntry],
 ) -> None:
     """Merge one output tensor, write its blocks and record its entry."""
-    entries = [manifests[i.snapshot].tensor_map()[i.tensor] for i in tp.inputs]
-    base_entry = base_manifest.tensor_map().get(tp.name) if base_manifest else None
-    if base_entry is not None and (base_entry.dtype != tp.out_dtype or base_entry.shape != tp.shape):
-        base_entry = None  # blocks would not line up: no XOR reference, no statistics
-    # An output that is exactly one input's tensor keeps that input's blocks: nothing read or written.
-    passthrough = tp.copy_from
-    if (
-        passthrough is None
-        and plan.method.name in DELTA_METHODS
-        and tp.base_index is not None
-        and identity_on_equal_inputs(plan.method.name, tp.shared)
-        and all(e.blocks == entries[tp.base_index].blocks for e in entries)
-        and entries[tp.base_index].dtype == tp.out_dtype
-    ):
-        passthrough = tp.base_index
-    if passthrough is not None and entries[passthrough].dtype == tp.out_dtype:
+    entries, base_entry, passthrough = _inputs_of(plan, tp, manifests, base_manifest)
+    if passthrough is not None:
         source = entries[passthrough]
         result.tensors_passed_through += 1
         result.blocks_skipped["same_as_base"] += sum(len(e.blocks) for k, e in enumerate(entries) if k != passthrough)
@@ -338,11 +351,7 @@ def _merge_one(
     compute = TORCH_DTYPES[tp.compute_dtype]
     out_dtype = TORCH_DTYPES[tp.out_dtype]
     cols = tp.shape[-1] if tp.shape else 1
-    if (
-        _numel(tp.shape) > STREAM_MIN_ELEMENTS
-        and len(tp.shape) >= 2
-        and streamable(plan.method.name, tp.shared, len(tp.shape))
-    ):
+    if _is_streamed(plan, tp):
         rows = _RowReader(store, tp, entries, reader, result, compute, dev, cols)
         seeds = [tensor_seed(seed, f"{tp.name}#{k}") for k in range(len(entries))]
         for chunk in stream_merge(
@@ -370,6 +379,82 @@ def _merge_one(
         del tensors
         writer.write(merged.to(dtype=out_dtype).to("cpu"), cache)
     out_entries[tp.name] = writer.finish()
+
+
+def _inputs_of(plan: MergePlan, tp: TensorPlan, manifests, base_manifest):
+    """(input entries, the base's aligned entry or None, index of an input passed through or None)."""
+    entries = [manifests[i.snapshot].tensor_map()[i.tensor] for i in tp.inputs]
+    base_entry = base_manifest.tensor_map().get(tp.name) if base_manifest else None
+    if base_entry is not None and (base_entry.dtype != tp.out_dtype or base_entry.shape != tp.shape):
+        base_entry = None  # blocks would not line up: no XOR reference, no statistics
+    # An output that is exactly one input's tensor keeps that input's blocks: nothing read or written.
+    passthrough = tp.copy_from
+    if (
+        passthrough is None
+        and plan.method.name in DELTA_METHODS
+        and tp.base_index is not None
+        and identity_on_equal_inputs(plan.method.name, tp.shared)
+        and all(e.blocks == entries[tp.base_index].blocks for e in entries)
+    ):
+        passthrough = tp.base_index
+    if passthrough is not None and entries[passthrough].dtype != tp.out_dtype:
+        passthrough = None
+    return entries, base_entry, passthrough
+
+
+def _is_streamed(plan: MergePlan, tp: TensorPlan) -> bool:
+    return (
+        _numel(tp.shape) > STREAM_MIN_ELEMENTS
+        and len(tp.shape) >= 2
+        and streamable(plan.method.name, tp.shared, len(tp.shape))
+    )
+
+
+def estimate_reads(store: "Store", plan: MergePlan) -> tuple[MergeResult, dict[str, dict], int]:
+    """What executing the plan would read, without reading: the executor's own read logic, run dry.
+
+    Returns the totals (as a MergeResult), per tensor its mode, passes and bytes read, and the bytes
+    that decoding will produce.
+    """
+    result = MergeResult(id=b"", name=None)
+    reader = _Reader(store, None, result, dry=True)
+    manifests = {sid: store.manifest(sid) for sid in set(plan.models.values())}
+    base_manifest = manifests[plan.base_snapshot] if plan.base_snapshot else None
+    rows_of: dict[str, dict] = {}
+    for tp in plan.tensors:
+        before = result.bytes_read_base + result.bytes_read_experts
+        entries, base_entry, passthrough = _inputs_of(plan, tp, manifests, base_manifest)
+        if passthrough is not None:
+            result.tensors_passed_through += 1
+            result.blocks_skipped["same_as_base"] += sum(
+                len(e.blocks) for k, e in enumerate(entries) if k != passthrough
+            )
+            rows_of[tp.name] = {"mode": "passthrough", "passes": 0, "bytes_read": 0}
+            continue
+        if _is_streamed(plan, tp):
+            cols = tp.shape[-1]
+            rows = _RowReader(store, tp, entries, reader, result, None, None, cols)
+            chunk_rows = max(1, CHUNK_ELEMENTS // cols)
+            n_rows = _numel(tp.shape) // cols
+            passes = stream_passes(plan.method.name, tp.shared, tp.per_input, tp.base_index)
+            for _ in range(passes):
+                for r0 in range(0, n_rows, chunk_rows):
+                    rows(r0, min(n_rows, r0 + chunk_rows))
+            mode = "streamed"
+        else:
+            _gather(store, tp, entries, reader, result)
+            passes, mode = 1, "whole"
+        if base_entry is not None:  # the output writer reads the base blocks no input holds, to XOR-code
+            held = {b for e in entries for b in e.blocks}
+            result.bytes_read_base += reader.read([b for b in base_entry.blocks if b not in held], {})
+        result.tensors += 1
+        rows_of[tp.name] = {
+            "mode": mode,
+            "passes": passes,
+            "bytes_read": result.bytes_read_base + result.bytes_read_experts - before,
+        }
+    result.bytes_read = result.bytes_read_base + result.bytes_read_experts
+    return result, rows_of, reader.raw_bytes
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -410,6 +495,9 @@ class _RowReader:
                 else:
                     wanted[block] = None
         self.result.bytes_read_experts += self.reader.read(list(wanted), cache)
+        self.cache = {x: cache[x] for blocks in ids for x in blocks}
+        if self.reader.dry:
+            return []
         tensors = []
         for e, blocks, (i0, _), per in zip(self.entries, ids, spans, self.per_block):
             width = dtype_named(e.dtype).bits // 8
@@ -417,16 +505,22 @@ class _RowReader:
             tensors.append(
                 to_torch(bytearray(raw), e.dtype, (r1 - r0, self.cols)).to(device=self.dev, dtype=self.compute)
             )
-        # keep the blocks that reach past this chunk, and everything of it for the output's XOR coding
-        self.cache = {x: cache[x] for blocks in ids for x in blocks}
-        return tensors
+        return tensors  # self.cache keeps this chunk's blocks: the next chunk and the output's XOR coding use them
 
 
 class _OutputWriter:
     """Cuts a tensor's output bytes into blocks as they arrive and hands each to mpstore.writer."""
 
-    def __init__(self, store, pool: ThreadPoolExecutor, sink: BlockSink, tp: TensorPlan, base_entry,
-                 reader: _Reader, result: MergeResult):
+    def __init__(
+        self,
+        store,
+        pool: ThreadPoolExecutor,
+        sink: BlockSink,
+        tp: TensorPlan,
+        base_entry,
+        reader: _Reader,
+        result: MergeResult,
+    ):
         self.store, self.pool, self.sink, self.tp = store, pool, sink, tp
         self.reader, self.result = reader, result
         self.base_cache: dict[bytes, bytes] = {}

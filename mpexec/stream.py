@@ -38,6 +38,32 @@ def streamable(method: str, shared: dict[str, Any], ndim: int) -> bool:
     return method in STREAMED
 
 
+def _prunes(family: tuple[str | None, bool], base_index: int | None, per_input: Sequence[dict]) -> bool:
+    """Whether a task-arithmetic method sparsifies any input (else it is elementwise)."""
+    return (
+        family[0] is not None
+        and base_index is not None
+        and any(p.get("density", 1) < 1 for k, p in enumerate(per_input) if k != base_index)
+    )
+
+
+def stream_passes(method: str, shared: dict[str, Any], per_input: Sequence[dict], base_index: int | None) -> int:
+    """How many times stream_merge reads the tensor (the cost model counts them)."""
+    family = TASK_ARITHMETIC_FAMILY.get(method)
+    if _row_local(method, shared) or (family is not None and not _prunes(family, base_index, per_input)):
+        return 1
+    if family is not None:
+        selecting = 2 if family[0] in ("magnitude", "magnitude_outliers") else 0  # radix select: two passes
+        return selecting + (1 if shared["rescale"] else 0) + 1
+    others = len(per_input) - (base_index is not None)
+    if method == "multislerp" and others == 1 or method == "karcher" and len(per_input) == 1:
+        return 1
+    if method == "sce":
+        topk = float(shared["select_topk"])
+        return (2 if 0 < topk < 1 else 0) + 2
+    return 2  # a statistics pass, then the output pass
+
+
 def _row_local(method: str, shared: dict[str, Any]) -> bool:
     """The kernel applied to whole rows gives the same rows as applied to the whole tensor."""
     if method in ("linear", "task_arithmetic", "nearswap", "passthrough"):
@@ -66,7 +92,7 @@ def stream_merge(
     """
     spans = [(r, min(rows, r + chunk_rows)) for r in range(0, rows, chunk_rows)]
     family = TASK_ARITHMETIC_FAMILY.get(method)
-    if _row_local(method, shared) or (family is not None and (family[0] is None or base_index is None)):
+    if _row_local(method, shared) or (family is not None and not _prunes(family, base_index, per_input)):
         for r0, r1 in spans:  # the kernel itself, chunk by chunk
             yield merge_tensor(method, read(r0, r1), base_index, shared, per_input)
         return
@@ -79,8 +105,7 @@ def stream_merge(
         prune = _RankWindowPruner(read, spans, base_index, others, per_input, sparsification)
     else:
         prune = _RandomPruner(read, spans, base_index, others, per_input, sparsification, seeds)
-    pruning = any(per_input[i]["density"] < 1 for i in others)
-    scales = prune.l1_scales() if shared["rescale"] and pruning else {i: 1.0 for i in others}
+    scales = prune.l1_scales() if shared["rescale"] else {i: 1.0 for i in others}
     prune.restart()
     for r0, r1 in spans:
         tensors = read(r0, r1)

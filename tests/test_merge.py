@@ -337,3 +337,46 @@ def test_reported_bytes_read_match_the_process_io_counters(mstore, tmp_path, mon
     assert result.bytes_read == result.bytes_read_base + result.bytes_read_experts > 0
     # the process read the packs (pread) and a few small files (log tail, config.json blocks)
     assert result.bytes_read <= read <= result.bytes_read * 1.01 + 64 * 1024, (result.bytes_read, read)
+
+
+ESTIMATE_CASES = {
+    "task_arithmetic": TA,
+    "ties": TA.replace("task_arithmetic", "ties")
+    .replace("{weight: 0.5}", "{weight: 0.5, density: 0.5}")
+    .replace("{weight: [0.2, 1.0]}", "{weight: [0.2, 1.0], density: 0.6}"),
+    "dare_ties": TA.replace("task_arithmetic", "dare_ties").replace("{weight: 0.5}", "{weight: 0.5, density: 0.5}"),
+    "slerp": "merge_method: slerp\nbase_model: base\nmodels:\n  - model: base\n  - model: full\nparameters: {t: 0.3}\n",
+    "karcher": "merge_method: karcher\nmodels:\n  - model: lora\n  - model: partial\n  - model: full\n",
+    "sce": "merge_method: sce\nbase_model: base\nmodels:\n  - model: lora\n  - model: partial\n  - model: full\n"
+    "parameters: {select_topk: 0.5}\n",
+}
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+@pytest.mark.parametrize("case", sorted(ESTIMATE_CASES))
+def test_explain_estimates_bytes_read_within_5_percent(mstore, monkeypatch, case, streamed):
+    from mpexec.cost import explain_costs
+
+    if streamed:
+        import mpexec.execute
+
+        monkeypatch.setattr(mpexec.execute, "STREAM_MIN_ELEMENTS", 0)
+        monkeypatch.setattr(mpexec.execute, "CHUNK_ELEMENTS", 2048)
+    with Store.open(mstore) as s:
+        plan = plan_merge(s, ESTIMATE_CASES[case])
+        costs = explain_costs(s, plan)
+        assert s.packs.bytes_read == 0  # estimating reads nothing
+        result = run_merge(s, plan, name=f"est-{case}-{streamed}")
+    assert abs(costs["estimated_bytes_read"] - result.bytes_read) <= 0.05 * result.bytes_read
+    assert costs["estimated_blocks_skipped"] == result.blocks_skipped
+    assert costs["estimated_seconds"] > 0
+
+
+def test_explain_json_has_estimates_and_calibrate_keeps_rates(mstore, tmp_path):
+    out = CliRunner().invoke(cli, ["--store", str(mstore), "calibrate", "--json"])
+    rates = json.loads(out.output)
+    assert set(rates) == {"read_bytes_per_s", "decode_bytes_per_s", "encode_bytes_per_s", "compute_elements_per_s"}
+    assert json.loads((mstore / "calibration.json").read_text()) == rates
+    doc = json.loads(_merge(mstore, _write(tmp_path, TA), "--explain", "--json").output)
+    assert doc["estimated_bytes_read"] > 0 and doc["estimated_seconds"] > 0 and doc["rates"] == rates
+    assert {"mode", "passes", "bytes_read"} <= set(doc["tensors"][0])
