@@ -516,6 +516,19 @@ def log(ctx: Context, ref: str | None, as_json: bool, dot: bool) -> None:
 )
 @click.option("--shard-size", default="5GB", show_default=True, help="Largest safetensors shard of the output.")
 @click.option(
+    "--io-budget",
+    default=None,
+    help="Hard cap on the bytes read from the store (800MB, 2GiB or bytes). Expert blocks worth least "
+    "per byte are left out (taken as the base's) and the bound on the omitted update is reported.",
+)
+@click.option(
+    "--budget-policy",
+    type=click.Choice(["value", "random"]),
+    default="value",
+    show_default=True,
+    help="Which expert blocks a budget drops: least |weight| x delta norm per byte, or at random (baseline).",
+)
+@click.option(
     "--explain", is_flag=True, help="Print the plan (per tensor: operator, inputs, parameters); read no data."
 )
 @click.option("--force", is_flag=True, help="Move --name if it already points elsewhere.")
@@ -528,6 +541,8 @@ def merge(
     seed: int,
     device: str,
     shard_size: str,
+    io_budget: str | None,
+    budget_policy: str,
     explain: bool,
     force: bool,
     as_json: bool,
@@ -549,6 +564,11 @@ def merge(
     store = ctx.store
     notify = None if as_json else (lambda model: click.echo(f"ingesting {model} (not in the store yet)", err=True))
     plan = plan_merge(store, text, source=str(config), config_dir=config.parent, ingest=not explain, on_ingest=notify)
+    budget_report = None
+    if io_budget is not None:
+        from mpexec.budget import apply_budget
+
+        budget_report = apply_budget(store, plan, _parse_size(io_budget), budget_policy, seed)
     if explain:
         from mpexec.cost import explain_costs
 
@@ -559,6 +579,7 @@ def merge(
             "base_model": plan.base,
             "inputs": {m: sid.hex() for m, sid in plan.models.items()},
             **{k: v for k, v in costs.items() if k != "tensors"},
+            "budget": budget_report,
             "tensors": rows,
         }
         if as_json:
@@ -566,6 +587,12 @@ def merge(
             return
         click.echo(f"merge_method: {plan.method.name}; base: {plan.base or '-'}; {len(rows)} output tensors")
         skipped = costs["estimated_blocks_skipped"]
+        if budget_report:
+            click.echo(
+                f"budget: {human_bytes(budget_report['io_budget'])} ({budget_report['policy']}); dropped "
+                f"{budget_report['dropped_blocks']} expert blocks, bound on the omitted update "
+                f"{budget_report['error_bound']}"
+            )
         click.echo(
             f"estimated: read {human_bytes(costs['estimated_bytes_read'])} (base "
             f"{human_bytes(costs['estimated_bytes_read_base'])}, experts "
@@ -613,8 +640,13 @@ def merge(
     finally:
         bar.close()
     if as_json:
-        emit_json(result.as_dict())
+        emit_json({**result.as_dict(), "budget": budget_report})
         return
+    if budget_report and budget_report["dropped_blocks"]:
+        click.echo(
+            f"budget {human_bytes(budget_report['io_budget'])}: dropped {budget_report['dropped_blocks']} expert "
+            f"blocks ({budget_report['policy']}); bound on the omitted update: {budget_report['error_bound']}"
+        )
     click.echo(
         f"{short(result.id)} {name or '(no ref)'}: {plan.method.name} of {len(plan.models)} models, "
         f"{result.tensors} tensors in {result.seconds:.1f} s"
@@ -622,8 +654,8 @@ def merge(
     click.echo(
         f"  read {human_bytes(result.bytes_read)} (base {human_bytes(result.bytes_read_base)}, experts "
         f"{human_bytes(result.bytes_read_experts)}), {result.blocks_read} blocks; skipped "
-        f"{result.blocks_skipped['same_as_base']} same as base, {result.blocks_skipped['shared']} shared; "
-        f"wrote {human_bytes(result.written_bytes)}"
+        f"{result.blocks_skipped['same_as_base']} same as base, {result.blocks_skipped['shared']} shared, "
+        f"{result.blocks_skipped['dropped']} dropped; wrote {human_bytes(result.written_bytes)}"
     )
 
 

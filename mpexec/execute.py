@@ -28,7 +28,7 @@ from mpstore.writer import BlockSink, process_block, store_literal
 from mpstore.dtypes import dtype_named
 from mpstore.safetensors_io import build_prefix, index_json, plan_shards, shard_names
 
-from .methods import TASK_ARITHMETIC_FAMILY, QueryError, identity_on_equal_inputs, merge_tensor
+from .methods import TASK_ARITHMETIC_FAMILY, MergeError, QueryError, identity_on_equal_inputs, merge_tensor
 from .plan import MergePlan, TensorPlan
 from .stream import stream_merge, stream_passes, streamable
 
@@ -68,7 +68,7 @@ class MergeResult:
     bytes_read_base: int = 0
     bytes_read_experts: int = 0
     blocks_read: int = 0
-    blocks_skipped: dict[str, int] = field(default_factory=lambda: {"same_as_base": 0, "shared": 0})
+    blocks_skipped: dict[str, int] = field(default_factory=lambda: {"same_as_base": 0, "shared": 0, "dropped": 0})
     tensors_passed_through: int = 0  # outputs that are an input's blocks, with nothing read
     written_bytes: int = 0
     seconds: float = 0.0
@@ -112,8 +112,17 @@ class _Reader:
     estimates are the executor's own read logic run dry.
     """
 
-    def __init__(self, store: "Store", pool: ThreadPoolExecutor | None, result: MergeResult, dry: bool = False):
+    def __init__(
+        self,
+        store: "Store",
+        pool: ThreadPoolExecutor | None,
+        result: MergeResult,
+        dry: bool = False,
+        limit: int | None = None,
+    ):
         self.store, self.pool, self.result, self.dry = store, pool, result, dry
+        self.limit = limit  # a hard cap on the bytes this reader may take from the packs (--io-budget)
+        self.total = 0
         self.raw_bytes = 0  # decoded bytes (dry runs only: what decoding will cost)
 
     def read(self, blocks: list[bytes], cache: dict[bytes, bytes]) -> int:
@@ -127,18 +136,22 @@ class _Reader:
         locs = {b: self.store.location(b) for b in wanted}
         plain = [b for b in wanted if locs[b].codec != Codec.XOR_GROUPED_ZSTD]
         coded = [b for b in wanted if locs[b].codec == Codec.XOR_GROUPED_ZSTD]
+        projected = 0
+        held = set(cache)
+        for group in (plain, coded):
+            for block in group:
+                loc = locs[block]
+                projected += loc.record_len
+                if loc.codec == Codec.XOR_GROUPED_ZSTD and loc.ref not in held:
+                    projected += self.store.location(loc.ref).record_len
+            held.update(group)
         if self.dry:
-            total = 0
-            for group in (plain, coded):
-                for block in group:
-                    loc = locs[block]
-                    total += loc.record_len
-                    self.raw_bytes += loc.raw_len
-                    if loc.codec == Codec.XOR_GROUPED_ZSTD and loc.ref not in cache:
-                        total += self.store.location(loc.ref).record_len
-                for block in group:
-                    cache[block] = b""
-            return total
+            self.raw_bytes += sum(locs[b].raw_len for b in wanted)
+            cache.update(dict.fromkeys(wanted, b""))
+            return projected
+        if self.limit is not None and self.total + projected > self.limit:
+            raise MergeError(f"reading {projected} more bytes would exceed the I/O budget of {self.limit} bytes")
+        self.total += projected
         before = self.store.packs.bytes_read
         for group in (plain, coded):
 
@@ -151,8 +164,32 @@ class _Reader:
         return self.store.packs.bytes_read - before
 
 
+def _count_passthrough(result: MergeResult, entries, passthrough: int, dropped) -> None:
+    result.tensors_passed_through += 1
+    source = entries[passthrough].blocks
+    for k, entry in enumerate(entries):
+        if k != passthrough:
+            for i, block in enumerate(entry.blocks):
+                result.blocks_skipped[_skip_reason(k, i, block, source, dropped)] += 1
+
+
+def _skip_reason(k: int, i: int, block: bytes, base_blocks, dropped: dict[int, frozenset[int]]) -> str:
+    if i in dropped.get(k, ()):
+        return "dropped"
+    return "same_as_base" if i < len(base_blocks) and base_blocks[i] == block else "shared"
+
+
+def _dropped(plan: MergePlan, tp: TensorPlan) -> dict[int, frozenset[int]]:
+    return {k: plan.drops[(tp.name, k)] for k in range(len(tp.inputs)) if (tp.name, k) in plan.drops}
+
+
 def _gather(
-    store: "Store", tp: TensorPlan, entries: list[TensorEntry], reader: _Reader, result: MergeResult
+    store: "Store",
+    tp: TensorPlan,
+    entries: list[TensorEntry],
+    reader: _Reader,
+    result: MergeResult,
+    dropped: dict[int, frozenset[int]],
 ) -> dict[bytes, bytes]:
     """The raw bytes of every distinct block of the inputs, each read once (base first)."""
     cache: dict[bytes, bytes] = {}
@@ -165,8 +202,7 @@ def _gather(
     for k in order:
         for i, block in enumerate(entries[k].blocks):
             if block in cache or block in expert_blocks:
-                same = i < len(base_blocks) and base_blocks[i] == block
-                result.blocks_skipped["same_as_base" if same else "shared"] += 1
+                result.blocks_skipped[_skip_reason(k, i, block, base_blocks, dropped)] += 1
             else:
                 expert_blocks[block] = None
     result.bytes_read_experts += reader.read(list(expert_blocks), cache)
@@ -252,7 +288,7 @@ def _execute(
     out_entries: dict[str, TensorEntry] = {}
     files: list[FileEntry] = []
     with ThreadPoolExecutor(2) as pool:
-        reader = _Reader(store, pool, result)
+        reader = _Reader(store, pool, result, limit=plan.io_budget)
         try:
             for shard_index, shard in enumerate(shards):
                 prefix = build_prefix([(tp.name, tp.out_dtype, tp.shape) for tp in shard])
@@ -295,6 +331,7 @@ def _execute(
             "seed": seed,
             "inputs": {model: sid.hex() for model, sid in plan.models.items()},
             "base_model": plan.base,
+            **({"budget": plan.budget} if plan.budget else {}),
             "resolved": [
                 {
                     "tensor": tp.name,
@@ -337,8 +374,7 @@ def _merge_one(
     entries, base_entry, passthrough = _inputs_of(plan, tp, manifests, base_manifest)
     if passthrough is not None:
         source = entries[passthrough]
-        result.tensors_passed_through += 1
-        result.blocks_skipped["same_as_base"] += sum(len(e.blocks) for k, e in enumerate(entries) if k != passthrough)
+        _count_passthrough(result, entries, passthrough, _dropped(plan, tp))
         out_entries[tp.name] = TensorEntry(
             tp.name,
             tp.out_dtype,
@@ -352,7 +388,7 @@ def _merge_one(
     out_dtype = TORCH_DTYPES[tp.out_dtype]
     cols = tp.shape[-1] if tp.shape else 1
     if _is_streamed(plan, tp):
-        rows = _RowReader(store, tp, entries, reader, result, compute, dev, cols)
+        rows = _RowReader(store, tp, entries, reader, result, compute, dev, cols, _dropped(plan, tp))
         seeds = [tensor_seed(seed, f"{tp.name}#{k}") for k in range(len(entries))]
         for chunk in stream_merge(
             plan.method.name,
@@ -366,7 +402,7 @@ def _merge_one(
         ):
             writer.write(chunk.to(dtype=out_dtype).to("cpu"), rows.cache)
     else:
-        cache = _gather(store, tp, entries, reader, result)
+        cache = _gather(store, tp, entries, reader, result, _dropped(plan, tp))
         # One input at a time: its bytes are joined once and dropped when converted.
         tensors = [
             to_torch(bytearray(b"".join(cache[b] for b in e.blocks)), e.dtype, e.shape).to(device=dev, dtype=compute)
@@ -384,6 +420,14 @@ def _merge_one(
 def _inputs_of(plan: MergePlan, tp: TensorPlan, manifests, base_manifest):
     """(input entries, the base's aligned entry or None, index of an input passed through or None)."""
     entries = [manifests[i.snapshot].tensor_map()[i.tensor] for i in tp.inputs]
+    if plan.drops and tp.base_index is not None:
+        # a dropped expert block is the base's block: a zero delta, never read
+        base_blocks = entries[tp.base_index].blocks
+        for k, entry in enumerate(entries):
+            dropped = plan.drops.get((tp.name, k))
+            if dropped:
+                blocks = tuple(base_blocks[i] if i in dropped else b for i, b in enumerate(entry.blocks))
+                entries[k] = TensorEntry(entry.name, entry.dtype, entry.shape, blocks, entry.delta)
     base_entry = base_manifest.tensor_map().get(tp.name) if base_manifest else None
     if base_entry is not None and (base_entry.dtype != tp.out_dtype or base_entry.shape != tp.shape):
         base_entry = None  # blocks would not line up: no XOR reference, no statistics
@@ -425,15 +469,12 @@ def estimate_reads(store: "Store", plan: MergePlan) -> tuple[MergeResult, dict[s
         before = result.bytes_read_base + result.bytes_read_experts
         entries, base_entry, passthrough = _inputs_of(plan, tp, manifests, base_manifest)
         if passthrough is not None:
-            result.tensors_passed_through += 1
-            result.blocks_skipped["same_as_base"] += sum(
-                len(e.blocks) for k, e in enumerate(entries) if k != passthrough
-            )
+            _count_passthrough(result, entries, passthrough, _dropped(plan, tp))
             rows_of[tp.name] = {"mode": "passthrough", "passes": 0, "bytes_read": 0}
             continue
         if _is_streamed(plan, tp):
             cols = tp.shape[-1]
-            rows = _RowReader(store, tp, entries, reader, result, None, None, cols)
+            rows = _RowReader(store, tp, entries, reader, result, None, None, cols, _dropped(plan, tp))
             chunk_rows = max(1, CHUNK_ELEMENTS // cols)
             n_rows = _numel(tp.shape) // cols
             passes = stream_passes(plan.method.name, tp.shared, tp.per_input, tp.base_index)
@@ -442,7 +483,7 @@ def estimate_reads(store: "Store", plan: MergePlan) -> tuple[MergeResult, dict[s
                     rows(r0, min(n_rows, r0 + chunk_rows))
             mode = "streamed"
         else:
-            _gather(store, tp, entries, reader, result)
+            _gather(store, tp, entries, reader, result, _dropped(plan, tp))
             passes, mode = 1, "whole"
         if base_entry is not None:  # the output writer reads the base blocks no input holds, to XOR-code
             held = {b for e in entries for b in e.blocks}
@@ -469,8 +510,11 @@ class _RowReader:
     equal to the base's or to another input's taken from memory), the blocks that straddle the end of
     the chunk kept for the next one."""
 
-    def __init__(self, store, tp: TensorPlan, entries, reader: _Reader, result: MergeResult, compute, dev, cols):
+    def __init__(
+        self, store, tp: TensorPlan, entries, reader: _Reader, result: MergeResult, compute, dev, cols, dropped
+    ):
         self.store, self.tp, self.entries, self.reader, self.result = store, tp, entries, reader, result
+        self.dropped = dropped
         self.compute, self.dev, self.cols = compute, dev, cols
         self.cache: dict[bytes, bytes] = {}
         self.per_block = [dtype_named(e.dtype).block_elements(store.block_bytes) for e in entries]
@@ -490,8 +534,7 @@ class _RowReader:
                 continue
             for j, block in enumerate(blocks, start=spans[k][0]):
                 if block in cache or block in wanted:
-                    same = j < len(base_ids) and base_ids[j] == block
-                    self.result.blocks_skipped["same_as_base" if same else "shared"] += 1
+                    self.result.blocks_skipped[_skip_reason(k, j, block, base_ids, self.dropped)] += 1
                 else:
                     wanted[block] = None
         self.result.bytes_read_experts += self.reader.read(list(wanted), cache)

@@ -72,10 +72,17 @@ class MergePlan:
     base: str | None
     tensors: list[TensorPlan] = field(default_factory=list)
     files_from: str | None = None  # model whose config.json and tokenizer files the output takes
+    # Under an I/O budget: (output tensor, input index) -> block positions dropped (taken as the base's)
+    drops: dict[tuple[str, int], frozenset[int]] = field(default_factory=dict)
+    budget: dict | None = None  # what the budget did, for the lineage (None when nothing was dropped)
+    io_budget: int | None = None  # hard cap on the bytes the executor may read
 
     @property
     def base_snapshot(self) -> bytes | None:
         return self.models[self.base] if self.base else None
+
+    def tensors_by_name(self) -> dict[str, TensorPlan]:
+        return {tp.name: tp for tp in self.tensors}
 
     def input_snapshots(self) -> list[bytes]:
         return list(dict.fromkeys(self.models[m] for m in self.query.referenced_models()))

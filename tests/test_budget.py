@@ -1,0 +1,134 @@
+"""I/O budgets: a hard cap on bytes read, the best merge it can buy, and what was left out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from mpcli.main import cli
+from mpexec.budget import apply_budget
+from mpexec.execute import estimate_reads
+from mpexec.merge import plan_merge, run_merge
+from mpstore import Store
+
+from tests.conftest import store_state
+
+TA = """
+merge_method: task_arithmetic
+base_model: base
+models:
+  - model: lora
+    parameters: {weight: 0.5}
+  - model: partial
+    parameters: {weight: 0.7}
+  - model: full
+    parameters: {weight: 0.9}
+dtype: float32
+out_dtype: float32
+"""
+
+
+@pytest.fixture
+def bstore(tmp_path, suite) -> Path:
+    path = tmp_path / "store"
+    with Store.init(path, block_bytes=4096) as s:
+        s.ingest(suite["base"], name="base")
+        for name, folder in (("lora", "lora-0"), ("partial", "partial-0"), ("full", "full-0")):
+            s.ingest(suite[folder], name=name, base="base")
+    return path
+
+
+def _full_and_minimum(s: Store) -> tuple[int, int]:
+    plan = plan_merge(s, TA)
+    full = estimate_reads(s, plan)[0]
+    return full.bytes_read, full.bytes_read_base
+
+
+def _task_vector_error(s: Store, ref: str, exact: str) -> float:
+    merged, reference, base = dict(s.tensors(ref)), dict(s.tensors(exact)), dict(s.tensors("base"))
+    num = sum(float((merged[n] - reference[n]).double().square().sum()) for n in reference)
+    den = sum(float((reference[n] - base[n].float()).double().square().sum()) for n in reference)
+    return (num / den) ** 0.5
+
+
+def test_a_budget_covering_the_merge_gives_the_unbudgeted_snapshot(bstore):
+    with Store.open(bstore) as s:
+        exact = run_merge(s, plan_merge(s, TA), name="exact")
+        full, _ = _full_and_minimum(s)
+        plan = plan_merge(s, TA)
+        report = apply_budget(s, plan, full)
+        result = run_merge(s, plan, name="budgeted")
+        assert report["dropped_blocks"] == 0 and result.id == exact.id
+        assert "budget" not in s.manifest("budgeted").operation
+
+
+def test_a_budget_below_the_minimum_is_refused_naming_it(bstore, tmp_path):
+    config = tmp_path / "q.yml"
+    config.write_text(TA)
+    before = store_state(bstore)
+    result = CliRunner().invoke(
+        cli, ["--store", str(bstore), "merge", str(config), "--name", "x", "--io-budget", "1KB"]
+    )
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and "below the minimum this merge must read" in lines[0]
+    assert store_state(bstore) == before
+
+
+@pytest.mark.parametrize("policy", ["value", "random"])
+def test_a_budget_is_never_exceeded_and_the_omission_is_bounded(bstore, policy):
+    with Store.open(bstore) as s:
+        run_merge(s, plan_merge(s, TA), name="exact")
+        full, base = _full_and_minimum(s)
+        budget = base + (full - base) // 4
+        plan = plan_merge(s, TA)
+        report = apply_budget(s, plan, budget, policy, seed=1)
+        result = run_merge(s, plan, name=f"b-{policy}")
+        assert result.bytes_read <= budget < full
+        assert report["dropped_blocks"] > 0 and result.blocks_skipped["dropped"] > 0
+        lineage = s.manifest(f"b-{policy}").operation["budget"]
+        assert lineage["io_budget"] == budget and lineage["policy"] == policy
+        assert len(lineage["dropped"]) == report["dropped_blocks"]
+        # the omitted update is at most the reported bound (triangle inequality), in float32
+        merged, exact = dict(s.tensors(f"b-{policy}")), dict(s.tensors("exact"))
+        omitted = sum(float((merged[n] - exact[n]).double().square().sum()) for n in exact) ** 0.5
+        assert 0 < omitted <= report["error_bound"] * 1.0001
+
+
+def test_value_policy_loses_less_than_random_at_the_same_budget(bstore):
+    with Store.open(bstore) as s:
+        run_merge(s, plan_merge(s, TA), name="exact")
+        full, base = _full_and_minimum(s)
+        budget = base + (full - base) // 4
+        errors = {}
+        for policy in ("value", "random"):
+            plan = plan_merge(s, TA)
+            apply_budget(s, plan, budget, policy, seed=3)
+            run_merge(s, plan, name=f"p-{policy}")
+            errors[policy] = _task_vector_error(s, f"p-{policy}", "exact")
+    assert errors["value"] < errors["random"]
+
+
+def test_whole_tensor_methods_refuse_a_budget_below_their_cost(bstore):
+    slerp = "merge_method: slerp\nbase_model: base\nmodels:\n  - model: base\n  - model: full\nparameters: {t: 0.5}\n"
+    with Store.open(bstore) as s:
+        plan = plan_merge(s, slerp)
+        full = estimate_reads(s, plan)[0].bytes_read
+        with pytest.raises(Exception, match="slerp needs"):
+            apply_budget(s, plan, full // 2)
+
+
+def test_explain_under_a_budget_reports_drops_and_reads_nothing(bstore, tmp_path):
+    config = tmp_path / "q.yml"
+    config.write_text(TA)
+    with Store.open(bstore) as s:
+        full, base = _full_and_minimum(s)
+    budget = base + (full - base) // 2
+    out = CliRunner().invoke(
+        cli, ["--store", str(bstore), "merge", str(config), "--explain", "--json", "--io-budget", str(budget)]
+    )
+    doc = json.loads(out.output)
+    assert doc["budget"]["dropped_blocks"] > 0 and doc["estimated_bytes_read"] <= budget
+    assert doc["estimated_blocks_skipped"]["dropped"] > 0
