@@ -15,7 +15,7 @@ from mpstore.dtypes import dtype_named
 from mpstore.durable import write_atomic
 from mpstore.errors import CorruptionError
 
-from .execute import _numel, estimate_reads
+from .execute import _numel, block_marks, estimate_reads
 from .plan import MergePlan
 
 if TYPE_CHECKING:
@@ -74,6 +74,8 @@ def calibrate(store: "Store", sample_blocks: int = 32) -> dict[str, float]:
 def explain_costs(store: "Store", plan: MergePlan) -> dict:
     """EXPLAIN's estimates: bytes read by kind, output bytes, seconds, per-tensor rows, skip counts."""
     reads, per_tensor, decoded = estimate_reads(store, plan)
+    for name, rows in block_marks(store, plan).items():
+        per_tensor[name]["blocks"] = rows
     rates = load_rates(store)
     compute_elements = output_bytes = 0
     for tp in plan.tensors:

@@ -498,6 +498,43 @@ def estimate_reads(store: "Store", plan: MergePlan) -> tuple[MergeResult, dict[s
     return result, rows_of, reader.raw_bytes
 
 
+def block_marks(store: "Store", plan: MergePlan) -> dict[str, list[str]]:
+    """The physical plan per block position: for each output tensor, one string per input with a mark
+    per block: R read, S skipped (identical to the base's block: a zero delta), H shared with an
+    input read already (read once), D dropped by the budget, - not needed (the output passes an
+    input's blocks through)."""
+    manifests = {sid: store.manifest(sid) for sid in set(plan.models.values())}
+    base_manifest = manifests[plan.base_snapshot] if plan.base_snapshot else None
+    marks: dict[str, list[str]] = {}
+    for tp in plan.tensors:
+        entries, _, passthrough = _inputs_of(plan, tp, manifests, base_manifest)
+        dropped = _dropped(plan, tp)
+        if passthrough is not None:
+            marks[tp.name] = ["-" * len(e.blocks) for e in entries]
+            continue
+        base_blocks = entries[tp.base_index].blocks if tp.base_index is not None else ()
+        seen = set(base_blocks)
+        rows = []
+        for k, entry in enumerate(entries):
+            if k == tp.base_index:
+                rows.append("R" * len(entry.blocks))
+                continue
+            row = []
+            for i, block in enumerate(entry.blocks):
+                if block in seen:
+                    row.append(
+                        {"dropped": "D", "same_as_base": "S", "shared": "H"}[
+                            _skip_reason(k, i, block, base_blocks, dropped)
+                        ]
+                    )
+                else:
+                    row.append("R")
+                    seen.add(block)
+            rows.append("".join(row))
+        marks[tp.name] = rows
+    return marks
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for d in shape:

@@ -132,3 +132,23 @@ def test_explain_under_a_budget_reports_drops_and_reads_nothing(bstore, tmp_path
     doc = json.loads(out.output)
     assert doc["budget"]["dropped_blocks"] > 0 and doc["estimated_bytes_read"] <= budget
     assert doc["estimated_blocks_skipped"]["dropped"] > 0
+
+
+def test_explain_marks_every_block_position(bstore):
+    from mpexec.cost import explain_costs
+
+    with Store.open(bstore) as s:
+        full, base = _full_and_minimum(s)
+        plan = plan_merge(s, TA)
+        apply_budget(s, plan, base + (full - base) // 2)
+        costs = explain_costs(s, plan)
+        lora = s.manifest("lora").tensor_map()
+    marks = {n: row["blocks"] for n, row in costs["tensors"].items()}
+    tensors = plan.tensors_by_name()
+    dropped = sum(r.count("D") for n, rows in marks.items() for k, r in enumerate(rows) if k != tensors[n].base_index)
+    assert dropped == costs["estimated_blocks_skipped"]["dropped"] > 0
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert [i.model for i in tensors[q].inputs] == ["lora", "partial", "full", "base"]
+    assert len(marks[q]) == 4 and all(len(r) == len(lora[q].blocks) for r in marks[q])
+    mlp = "model.layers.0.mlp.up_proj.weight"  # LoRA leaves MLPs alone: its blocks are the base's
+    assert set(marks[mlp][0]) <= {"S", "-"}
