@@ -60,3 +60,14 @@ def store_state(path: Path) -> dict:
         }
     finally:
         s.close()
+
+
+@pytest.fixture
+def merge_store(tmp_path, suite) -> Path:
+    """A closed store (4 KiB blocks) holding base, lora, partial and full of the tiny suite."""
+    path = tmp_path / "merge-store"
+    with Store.init(path, block_bytes=SMALL_BLOCK) as s:
+        s.ingest(suite["base"], name="base")
+        for name, folder in (("lora", "lora-0"), ("partial", "partial-0"), ("full", "full-0")):
+            s.ingest(suite[folder], name=name, base="base")
+    return path

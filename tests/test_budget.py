@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -31,16 +30,6 @@ out_dtype: float32
 """
 
 
-@pytest.fixture
-def bstore(tmp_path, suite) -> Path:
-    path = tmp_path / "store"
-    with Store.init(path, block_bytes=4096) as s:
-        s.ingest(suite["base"], name="base")
-        for name, folder in (("lora", "lora-0"), ("partial", "partial-0"), ("full", "full-0")):
-            s.ingest(suite[folder], name=name, base="base")
-    return path
-
-
 def _full_and_minimum(s: Store) -> tuple[int, int]:
     plan = plan_merge(s, TA)
     full = estimate_reads(s, plan)[0]
@@ -54,8 +43,8 @@ def _task_vector_error(s: Store, ref: str, exact: str) -> float:
     return (num / den) ** 0.5
 
 
-def test_a_budget_covering_the_merge_gives_the_unbudgeted_snapshot(bstore):
-    with Store.open(bstore) as s:
+def test_a_budget_covering_the_merge_gives_the_unbudgeted_snapshot(merge_store):
+    with Store.open(merge_store) as s:
         exact = run_merge(s, plan_merge(s, TA), name="exact")
         full, _ = _full_and_minimum(s)
         plan = plan_merge(s, TA)
@@ -65,21 +54,21 @@ def test_a_budget_covering_the_merge_gives_the_unbudgeted_snapshot(bstore):
         assert "budget" not in s.manifest("budgeted").operation
 
 
-def test_a_budget_below_the_minimum_is_refused_naming_it(bstore, tmp_path):
+def test_a_budget_below_the_minimum_is_refused_naming_it(merge_store, tmp_path):
     config = tmp_path / "q.yml"
     config.write_text(TA)
-    before = store_state(bstore)
+    before = store_state(merge_store)
     result = CliRunner().invoke(
-        cli, ["--store", str(bstore), "merge", str(config), "--name", "x", "--io-budget", "1KB"]
+        cli, ["--store", str(merge_store), "merge", str(config), "--name", "x", "--io-budget", "1KB"]
     )
     lines = result.output.strip().splitlines()
     assert result.exit_code == 1 and len(lines) == 1 and "below the minimum this merge must read" in lines[0]
-    assert store_state(bstore) == before
+    assert store_state(merge_store) == before
 
 
 @pytest.mark.parametrize("policy", ["value", "random"])
-def test_a_budget_is_never_exceeded_and_the_omission_is_bounded(bstore, policy):
-    with Store.open(bstore) as s:
+def test_a_budget_is_never_exceeded_and_the_omission_is_bounded(merge_store, policy):
+    with Store.open(merge_store) as s:
         run_merge(s, plan_merge(s, TA), name="exact")
         full, base = _full_and_minimum(s)
         budget = base + (full - base) // 4
@@ -97,8 +86,8 @@ def test_a_budget_is_never_exceeded_and_the_omission_is_bounded(bstore, policy):
         assert 0 < omitted <= report["error_bound"] * 1.0001
 
 
-def test_value_policy_loses_less_than_random_at_the_same_budget(bstore):
-    with Store.open(bstore) as s:
+def test_value_policy_loses_less_than_random_at_the_same_budget(merge_store):
+    with Store.open(merge_store) as s:
         run_merge(s, plan_merge(s, TA), name="exact")
         full, base = _full_and_minimum(s)
         budget = base + (full - base) // 4
@@ -111,33 +100,33 @@ def test_value_policy_loses_less_than_random_at_the_same_budget(bstore):
     assert errors["value"] < errors["random"]
 
 
-def test_whole_tensor_methods_refuse_a_budget_below_their_cost(bstore):
+def test_whole_tensor_methods_refuse_a_budget_below_their_cost(merge_store):
     slerp = "merge_method: slerp\nbase_model: base\nmodels:\n  - model: base\n  - model: full\nparameters: {t: 0.5}\n"
-    with Store.open(bstore) as s:
+    with Store.open(merge_store) as s:
         plan = plan_merge(s, slerp)
         full = estimate_reads(s, plan)[0].bytes_read
         with pytest.raises(Exception, match="slerp needs"):
             apply_budget(s, plan, full // 2)
 
 
-def test_explain_under_a_budget_reports_drops_and_reads_nothing(bstore, tmp_path):
+def test_explain_under_a_budget_reports_drops_and_reads_nothing(merge_store, tmp_path):
     config = tmp_path / "q.yml"
     config.write_text(TA)
-    with Store.open(bstore) as s:
+    with Store.open(merge_store) as s:
         full, base = _full_and_minimum(s)
     budget = base + (full - base) // 2
     out = CliRunner().invoke(
-        cli, ["--store", str(bstore), "merge", str(config), "--explain", "--json", "--io-budget", str(budget)]
+        cli, ["--store", str(merge_store), "merge", str(config), "--explain", "--json", "--io-budget", str(budget)]
     )
     doc = json.loads(out.output)
     assert doc["budget"]["dropped_blocks"] > 0 and doc["estimated_bytes_read"] <= budget
     assert doc["estimated_blocks_skipped"]["dropped"] > 0
 
 
-def test_explain_marks_every_block_position(bstore):
+def test_explain_marks_every_block_position(merge_store):
     from mpexec.cost import explain_costs
 
-    with Store.open(bstore) as s:
+    with Store.open(merge_store) as s:
         full, base = _full_and_minimum(s)
         plan = plan_merge(s, TA)
         apply_budget(s, plan, base + (full - base) // 2)
