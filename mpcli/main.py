@@ -616,17 +616,7 @@ def merge(
                 mark = " (base)" if k == tp.base_index else ""
                 click.echo(f"    {inp.model}{mark}: {inp.tensor}" + (f"  {params}" if params else ""))
         return
-    from tqdm import tqdm
-
-    bar = tqdm(
-        total=len(plan.tensors),
-        desc="merge",
-        unit="tensor",
-        file=sys.stderr,
-        leave=False,
-        disable=as_json or not sys.stderr.isatty(),
-    )
-    try:
+    with ProgressBar(len(plan.tensors), "merge", not as_json, unit="tensor") as bar:
         result = run_merge(
             store,
             plan,
@@ -635,10 +625,8 @@ def merge(
             device=device,
             shard_bytes=_parse_size(shard_size),
             force=force,
-            progress=lambda _t: bar.update(1),
+            progress=lambda _t: bar(1),
         )
-    finally:
-        bar.close()
     if as_json:
         emit_json({**result.as_dict(), "budget": budget_report})
         return

@@ -39,14 +39,13 @@ def emit_json(value) -> None:
 class ProgressBar:
     """A tqdm bar on stderr, or nothing (under --json, or when stderr is not a terminal)."""
 
-    def __init__(self, total: int, desc: str, enabled: bool):
+    def __init__(self, total: int, desc: str, enabled: bool, unit: str = "B"):
         self.bar = None
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(
-                total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, leave=False
-            )
+            scaled = {"unit_scale": True, "unit_divisor": 1024} if unit == "B" else {}
+            self.bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False, **scaled)
 
     def __call__(self, n: int) -> None:
         if self.bar is not None:

@@ -3,6 +3,7 @@ calibrated on this machine (`mpstore calibrate`, kept in the store as calibratio
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from typing import TYPE_CHECKING
@@ -45,7 +46,7 @@ def load_rates(store: "Store") -> dict[str, float]:
 def calibrate(store: "Store", sample_blocks: int = 32) -> dict[str, float]:
     """Measure this machine's rates on the store's own blocks and keep them in the store."""
     rates = dict(DEFAULT_RATES)
-    sample = [b for b, _ in zip((b for b, _ in store.index.iter_blocks()), range(sample_blocks))]
+    sample = [b for b, _ in itertools.islice(store.index.iter_blocks(), sample_blocks)]
     if sample:
         locs = store.index.get_blocks(sample)
         started = time.perf_counter()

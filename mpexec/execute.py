@@ -15,7 +15,7 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
@@ -125,6 +125,17 @@ class _Reader:
         self.total = 0
         self.raw_bytes = 0  # decoded bytes (dry runs only: what decoding will cost)
 
+    def _projected(self, plain: list[bytes], coded: list[bytes], locs: dict, cache: dict[bytes, bytes]) -> int:
+        """The bytes reading these blocks takes from the packs: each record, and the XOR reference of
+        a coded block when neither the cache nor the plain blocks read first hold it."""
+        total = sum(locs[b].record_len for b in plain + coded)
+        held = set(plain)
+        for block in coded:
+            ref = locs[block].ref
+            if ref not in cache and ref not in held:
+                total += self.store.location(ref).record_len
+        return total
+
     def read(self, blocks: list[bytes], cache: dict[bytes, bytes]) -> int:
         """Read the blocks not in `cache` into it; returns the bytes taken from pack files.
 
@@ -136,22 +147,16 @@ class _Reader:
         locs = {b: self.store.location(b) for b in wanted}
         plain = [b for b in wanted if locs[b].codec != Codec.XOR_GROUPED_ZSTD]
         coded = [b for b in wanted if locs[b].codec == Codec.XOR_GROUPED_ZSTD]
-        projected = 0
-        held = set(cache)
-        for group in (plain, coded):
-            for block in group:
-                loc = locs[block]
-                projected += loc.record_len
-                if loc.codec == Codec.XOR_GROUPED_ZSTD and loc.ref not in held:
-                    projected += self.store.location(loc.ref).record_len
-            held.update(group)
         if self.dry:
             self.raw_bytes += sum(locs[b].raw_len for b in wanted)
+            projected = self._projected(plain, coded, locs, cache)
             cache.update(dict.fromkeys(wanted, b""))
             return projected
-        if self.limit is not None and self.total + projected > self.limit:
-            raise MergeError(f"reading {projected} more bytes would exceed the I/O budget of {self.limit} bytes")
-        self.total += projected
+        if self.limit is not None:
+            projected = self._projected(plain, coded, locs, cache)
+            if self.total + projected > self.limit:
+                raise MergeError(f"reading {projected} more bytes would exceed the I/O budget of {self.limit} bytes")
+            self.total += projected
         before = self.store.packs.bytes_read
         for group in (plain, coded):
 
@@ -183,29 +188,39 @@ def _dropped(plan: MergePlan, tp: TensorPlan) -> dict[int, frozenset[int]]:
     return {k: plan.drops[(tp.name, k)] for k in range(len(tp.inputs)) if (tp.name, k) in plan.drops}
 
 
-def _gather(
-    store: "Store",
-    tp: TensorPlan,
-    entries: list[TensorEntry],
+def _read_inputs(
     reader: _Reader,
     result: MergeResult,
+    ranges: list[tuple[int, list[bytes]]],
+    base_index: int | None,
+    base_blocks: Sequence[bytes],
     dropped: dict[int, frozenset[int]],
+    cache: dict[bytes, bytes],
+) -> None:
+    """Read the blocks of every input into `cache`, each distinct block once: the base's first, then
+    the experts' blocks not in hand (the others counted as skipped, by reason). `ranges[k]` is input
+    k's first block position and its blocks from there."""
+    if base_index is not None:
+        result.bytes_read_base += reader.read(ranges[base_index][1], cache)
+    wanted: dict[bytes, None] = {}  # ordered set
+    for k, (start, blocks) in enumerate(ranges):
+        if k == base_index:
+            continue
+        for i, block in enumerate(blocks, start=start):
+            if block in cache or block in wanted:
+                result.blocks_skipped[_skip_reason(k, i, block, base_blocks, dropped)] += 1
+            else:
+                wanted[block] = None
+    result.bytes_read_experts += reader.read(list(wanted), cache)
+
+
+def _gather(
+    tp: TensorPlan, entries: list[TensorEntry], reader: _Reader, result: MergeResult, dropped
 ) -> dict[bytes, bytes]:
     """The raw bytes of every distinct block of the inputs, each read once (base first)."""
     cache: dict[bytes, bytes] = {}
-    order = list(range(len(entries)))
-    if tp.base_index is not None:
-        order.remove(tp.base_index)
-        result.bytes_read_base += reader.read(list(entries[tp.base_index].blocks), cache)
     base_blocks = entries[tp.base_index].blocks if tp.base_index is not None else ()
-    expert_blocks: dict[bytes, None] = {}  # ordered set
-    for k in order:
-        for i, block in enumerate(entries[k].blocks):
-            if block in cache or block in expert_blocks:
-                result.blocks_skipped[_skip_reason(k, i, block, base_blocks, dropped)] += 1
-            else:
-                expert_blocks[block] = None
-    result.bytes_read_experts += reader.read(list(expert_blocks), cache)
+    _read_inputs(reader, result, [(0, list(e.blocks)) for e in entries], tp.base_index, base_blocks, dropped, cache)
     return cache
 
 
@@ -402,7 +417,7 @@ def _merge_one(
         ):
             writer.write(chunk.to(dtype=out_dtype).to("cpu"), rows.cache)
     else:
-        cache = _gather(store, tp, entries, reader, result, _dropped(plan, tp))
+        cache = _gather(tp, entries, reader, result, _dropped(plan, tp))
         # One input at a time: its bytes are joined once and dropped when converted.
         tensors = [
             to_torch(bytearray(b"".join(cache[b] for b in e.blocks)), e.dtype, e.shape).to(device=dev, dtype=compute)
@@ -483,7 +498,7 @@ def estimate_reads(store: "Store", plan: MergePlan) -> tuple[MergeResult, dict[s
                     rows(r0, min(n_rows, r0 + chunk_rows))
             mode = "streamed"
         else:
-            _gather(store, tp, entries, reader, result, _dropped(plan, tp))
+            _gather(tp, entries, reader, result, _dropped(plan, tp))
             passes, mode = 1, "whole"
         if base_entry is not None:  # the output writer reads the base blocks no input holds, to XOR-code
             held = {b for e in entries for b in e.blocks}
@@ -561,20 +576,10 @@ class _RowReader:
         spans = [(e0 // n, (e1 - 1) // n) for n in self.per_block]
         ids = [list(e.blocks[i0 : i1 + 1]) for e, (i0, i1) in zip(self.entries, spans)]
         b = self.tp.base_index
-        cache = {k: v for k, v in self.cache.items()}
-        if b is not None:
-            self.result.bytes_read_base += self.reader.read(ids[b], cache)
-        wanted: dict[bytes, None] = {}
+        cache = dict(self.cache)
         base_ids = self.entries[b].blocks if b is not None else ()
-        for k, blocks in enumerate(ids):
-            if k == b:
-                continue
-            for j, block in enumerate(blocks, start=spans[k][0]):
-                if block in cache or block in wanted:
-                    self.result.blocks_skipped[_skip_reason(k, j, block, base_ids, self.dropped)] += 1
-                else:
-                    wanted[block] = None
-        self.result.bytes_read_experts += self.reader.read(list(wanted), cache)
+        ranges = [(i0, blocks) for (i0, _), blocks in zip(spans, ids)]
+        _read_inputs(self.reader, self.result, ranges, b, base_ids, self.dropped, cache)
         self.cache = {x: cache[x] for blocks in ids for x in blocks}
         if self.reader.dry:
             return []

@@ -982,16 +982,7 @@ def merge_tensor(
         return _KERNELS[spec.name](tensors, base_index, bound_shared, bound_per, generator)
 
 
-_DELTA_IDENTITY = {
-    "task_arithmetic",
-    "ties",
-    "dare_ties",
-    "dare_linear",
-    "breadcrumbs",
-    "breadcrumbs_ties",
-    "della",
-    "della_linear",
-}
+_DELTA_IDENTITY = set(TASK_ARITHMETIC_FAMILY)
 
 
 def identity_on_equal_inputs(method: str, shared: Mapping[str, Any]) -> bool:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .codecs import Codec, encode
-from .dtypes import DType
+from .dtypes import DType, as_float32
 from .ids import ZERO_BLOCK_ID, block_id
 from .pack import BlockLocation, PackWriter
 from .snapshot import DeltaStats
@@ -32,8 +32,6 @@ def delta_stats(dtype: DType, raw: memoryview, base_raw: bytes) -> DeltaStats:
 
     Non-finite deltas (inf or NaN weights) count as changed elements but add nothing to the norms.
     """
-    from .dtypes import as_float32
-
     lane = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[dtype.group_width]
     changed = int(np.count_nonzero(np.frombuffer(raw, lane) != np.frombuffer(base_raw, lane)))
     if not changed:
