@@ -556,10 +556,17 @@ def _sign_consensus(deltas: torch.Tensor) -> torch.Tensor:
 
 
 def combine_deltas(
-    base: torch.Tensor, deltas: torch.Tensor, weights: Sequence[float], consensus: bool, shared: Mapping[str, Any]
+    base: torch.Tensor,
+    deltas: torch.Tensor,
+    weights: Sequence[float],
+    consensus: bool,
+    shared: Mapping[str, Any],
+    omitted_weight: float = 0.0,
 ) -> torch.Tensor:
     """The task-arithmetic tail: base + lambda * mix(weight_i * delta_i), `deltas` [inputs, ...] already
-    sparsified (modified in place). Shared with the streaming executor, which sparsifies chunk by chunk."""
+    sparsified (modified in place). Shared with the streaming and block executors, which sparsify first.
+    `omitted_weight` is the summed weight of inputs left out of `deltas` because their delta is zero
+    here: they add nothing, but a normalized sum without sign consensus still divides by their weight."""
     w = torch.tensor(list(weights), dtype=deltas.dtype, device=deltas.device)
     w = w.reshape((-1,) + (1,) * base.ndim)
     deltas.mul_(w)
@@ -574,7 +581,7 @@ def combine_deltas(
     else:
         mixed = deltas.sum(dim=0)
         if shared["normalize"]:
-            divisor = w.sum(dim=0)
+            divisor = w.sum(dim=0) + omitted_weight
             divisor[divisor.abs() < 1e-8] = 1
             mixed /= divisor
     if shared["lambda"] != 1:

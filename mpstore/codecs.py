@@ -41,19 +41,41 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return _local.decompressor
 
 
+_WORDS = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
 def group_bytes(raw: bytes | memoryview, width: int) -> bytes:
     """Element bytes split into `width` planes; the identity for width 1."""
     if width == 1:
         return bytes(raw)
+    if width in _WORDS:  # shifts of whole words: ~4x faster than a transposed byte copy
+        words = np.frombuffer(raw, dtype=_WORDS[width])
+        planes = np.empty((width, len(words)), dtype=np.uint8)
+        for j in range(width):
+            np.right_shift(words, 8 * j, out=planes[j], casting="unsafe")
+        return planes.tobytes()
     return np.frombuffer(raw, dtype=np.uint8).reshape(-1, width).T.tobytes()
+
+
+def ungroup_words(grouped: bytes, width: int) -> np.ndarray:
+    """The inverse of group_bytes for widths 2, 4 and 8, as a writable array of element words."""
+    planes = np.frombuffer(grouped, dtype=np.uint8).reshape(width, -1)
+    word = _WORDS[width]
+    out = planes[width - 1].astype(word)
+    for j in range(width - 2, -1, -1):
+        out <<= 8
+        out |= planes[j]
+    return out
 
 
 def ungroup_bytes(grouped: bytes, width: int) -> bytes:
     if width == 1:
         return grouped
+    if width in _WORDS:
+        return ungroup_words(grouped, width).tobytes()
     planes = np.frombuffer(grouped, dtype=np.uint8).reshape(width, -1)
     out = np.empty((planes.shape[1], width), dtype=np.uint8)
-    for j in range(width):  # one strided copy per plane: 5x faster than a transposed copy
+    for j in range(width):
         out[:, j] = planes[j]
     return out.tobytes()
 
@@ -99,6 +121,10 @@ def decode(codec: int, payload: bytes, raw_len: int, width: int, ref: bytes | No
         if codec == Codec.XOR_GROUPED_ZSTD:
             if ref is None or len(ref) != raw_len:
                 raise CorruptionError("XOR-coded block without a matching reference block")
+            if width in _WORDS:  # ungroup, then XOR in place: one copy fewer
+                words = ungroup_words(body, width)
+                words ^= np.frombuffer(ref, dtype=words.dtype)
+                return words.tobytes()
             return xor_bytes(ungroup_bytes(body, width), ref)
     except zstandard.ZstdError as exc:
         raise CorruptionError(f"zstd: {exc}") from None

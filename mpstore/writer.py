@@ -45,7 +45,12 @@ def delta_stats(dtype: DType, raw: memoryview, base_raw: bytes) -> DeltaStats:
     if not (np.isfinite(l2) and np.isfinite(peak)):
         delta = np.nan_to_num(as_float32(dtype, raw) - as_float32(dtype, base_raw), nan=0.0, posinf=0.0, neginf=0.0)
         l2, peak = float(np.sqrt(np.dot(delta, delta))), float(np.abs(delta).max())
-    return (float(f"{l2:.6g}"), float(f"{peak:.6g}"), changed)
+    return rounded_stats(l2, peak, changed)
+
+
+def rounded_stats(l2: float, peak: float, changed: int) -> DeltaStats:
+    """Statistics as the manifest keeps them: norms to 6 significant digits."""
+    return (float(f"{l2:.6g}"), float(f"{peak:.6g}"), int(changed))
 
 
 def split_blocks(data: memoryview, dtype: DType, block_bytes: int) -> list[memoryview]:
@@ -107,27 +112,29 @@ def process_block(
     base_block: bytes | None,
     sink: BlockSink,
     base_raw: bytes | None = None,
+    stats: DeltaStats | None = None,
 ):
     """Worker: hash, compare with the base, compute delta statistics and encode if new.
 
-    `base_raw` may hand over the base block's bytes when the caller already holds them.
+    `base_raw` may hand over the base block's bytes when the caller already holds them, `stats` the
+    delta statistics when the caller computed them (unrounded; rounded here as delta_stats rounds).
     """
     bid = known_id or block_id(raw)
     if base_block is not None and bid == base_block:
         return bid, (0.0, 0.0, 0), None
-    stats, ref_raw, ref_id = None, None, ZERO_BLOCK_ID
+    ref_raw, ref_id, block_stats = None, ZERO_BLOCK_ID, None
     if base_block is not None:
         base_loc = store.location(base_block)
         ref_raw = base_raw if base_raw is not None else store.read_block(base_block, base_loc)
-        stats = delta_stats(dtype, raw, ref_raw)
+        block_stats = delta_stats(dtype, raw, ref_raw) if stats is None else rounded_stats(*stats)
         if base_loc.codec == Codec.XOR_GROUPED_ZSTD:
             ref_raw = None  # delta chains stay one level deep
         else:
             ref_id = base_block
     if sink.known(bid):
-        return bid, stats, None
+        return bid, block_stats, None
     codec, payload = encode(raw, dtype.group_width, store.zstd_level, ref_raw)
-    return bid, stats, (codec, payload, ref_id if codec == Codec.XOR_GROUPED_ZSTD else ZERO_BLOCK_ID)
+    return bid, block_stats, (codec, payload, ref_id if codec == Codec.XOR_GROUPED_ZSTD else ZERO_BLOCK_ID)
 
 
 def store_literal(store: "Store", data: bytes | memoryview, sink: BlockSink) -> tuple[bytes, ...]:

@@ -1,0 +1,419 @@
+"""Block-wise merging for task_arithmetic, ties, dare_ties and dare_linear: only what differs is touched.
+
+A tensor is seen as block positions. Where no expert's block differs from the base's, the merged block
+is the base's block: nothing is read, computed or written (a zero delta adds nothing). Elsewhere only
+the experts whose block differs are read, and each position is merged in one pass over
+[changed experts x block elements] (mpexec.kernels on the CPU, torch on a GPU), in worker threads.
+
+Statistics over the whole tensor are exact and come first:
+* TIES keeps the max(1, int(density * numel)) largest |delta| of each expert. The cut is found by a
+  radix select on the float32 bits of |delta| (a histogram of the high 16 bits, then of the low 16
+  inside the bin of the cut); elements at unchanged positions are zeros and rank last. Of the
+  magnitudes equal to the cut, the first ones in element order are kept, as many as the count allows.
+* DARE keeps each element with probability density, from a hash of (seed, tensor, input, position)
+  and the element's index, so masks depend on nothing else (not on chunking, threads or device); its
+  L1 rescale divides sum |delta| by the sum over the kept elements, over the whole tensor.
+
+A tensor of at most `window_elements` is held whole: read once, statistics and merge share the
+blocks. A larger one is merged in windows of positions, read once per statistics pass and once to
+merge, so memory stays flat whatever the tensor's size. The executor (mpexec.execute) reads the blocks
+(see Layout.reads) and writes the merged ones; this module only computes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from mpstore.dtypes import dtype_named
+from mpstore.snapshot import TensorEntry
+from mpstore.torch_dtypes import TORCH_DTYPES
+
+from .methods import TASK_ARITHMETIC_FAMILY
+
+SPARSIFICATIONS = (None, "magnitude", "random")  # della and breadcrumbs: the whole-tensor kernels
+DTYPES = ("BF16", "F16", "F32")
+KERNEL_DTYPES = ("BF16", "F32")  # what mpexec.kernels reads; float16 goes through torch
+HIGH_BINS = 1 << 16
+# Blocks are decoded into bytes objects, which torch can only view read-only; nothing here writes to
+# those views, so the warning says nothing.
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+Stats = tuple[float, float, int]  # L2 norm, max |out - base|, changed elements (see mpstore.writer)
+
+
+def applicable(method: str, shared, compute_dtype: str, out_dtype: str, entries: Sequence[TensorEntry], base_index):
+    """Whether the tensor can be merged block-wise: a task-arithmetic method this module implements
+    (TIES without its rarely used rescale), computed in float32, every input (the base included) stored
+    in the output's dtype and shape, so that positions line up and an unchanged one is the base's block."""
+    family = TASK_ARITHMETIC_FAMILY.get(method)
+    if family is None or family[0] not in SPARSIFICATIONS or base_index is None:
+        return False
+    if family[0] == "magnitude" and shared["rescale"]:
+        return False
+    if compute_dtype != "F32" or out_dtype not in DTYPES:
+        return False
+    base = entries[base_index]
+    return all(e.dtype == out_dtype and e.shape == base.shape and len(e.blocks) == len(base.blocks) for e in entries)
+
+
+@dataclass
+class Layout:
+    """Which inputs differ from the base at each block position (after budget drops), and the windows
+    of positions merged together: one window when the tensor is held whole, else windows of at most
+    `window_elements` elements per input, read again for each pass."""
+
+    base_blocks: tuple[bytes, ...]
+    changed: list[list[int]]  # per position: input indices whose block differs from the base's
+    sizes: list[int]  # elements per position
+    windows: list[list[int]]  # positions with a change, grouped
+
+    @classmethod
+    def of(cls, entries: Sequence[TensorEntry], base_index: int, block_bytes: int, window_elements: int) -> "Layout":
+        base = entries[base_index]
+        numel = 1
+        for d in base.shape:
+            numel *= d
+        per = dtype_named(base.dtype).block_elements(block_bytes)
+        sizes = [min(per, numel - i * per) for i in range(len(base.blocks))]
+        changed = [
+            [k for k, e in enumerate(entries) if k != base_index and e.blocks[j] != block]
+            for j, block in enumerate(base.blocks)
+        ]
+        windows: list[list[int]] = []
+        size = 0
+        for j, ks in enumerate(changed):
+            if not ks:
+                continue
+            if not windows or (numel > window_elements and size + sizes[j] > window_elements):
+                windows.append([])
+                size = 0
+            windows[-1].append(j)
+            size += sizes[j]
+        return cls(base.blocks, changed, sizes, windows)
+
+    def reads(self, entries: Sequence[TensorEntry], positions: Sequence[int]) -> tuple[list[bytes], list[bytes]]:
+        """(base blocks, expert blocks) merging these positions needs."""
+        base = [self.base_blocks[j] for j in positions]
+        experts = [entries[k].blocks[j] for j in positions for k in self.changed[j]]
+        return base, experts
+
+    def held(self, k: int) -> int:
+        """Elements of input k at positions where it differs from the base."""
+        return sum(n for n, ks in zip(self.sizes, self.changed) if k in ks)
+
+
+def block_seed(seed: int, tensor: str, k: int, j: int) -> int:
+    """The key of input k's DARE mask at block position j of a tensor."""
+    digest = hashlib.sha256(f"{seed}:{tensor}#{k}@{j}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+@dataclass
+class _Pruning:
+    """How one expert is pruned, from the tensor's statistics."""
+
+    cut: int = -1  # TIES: float32 bits of |delta| at the cut (-1: no trimming)
+    k: int = 0  # TIES: elements to keep
+    tied: int = 0  # TIES: elements equal to the cut still to keep, in element order
+    prob: float = -1.0  # DARE: keep probability (-1: no random pruning)
+    scale: float = 1.0  # DARE: the L1 rescale
+    passes: int = 0  # statistics passes over the tensor
+
+
+def _prunings(method: str, shared, per_input, base_index: int, layout: Layout) -> dict[int, _Pruning]:
+    sparsification = TASK_ARITHMETIC_FAMILY[method][0]
+    numel = sum(layout.sizes)
+    out: dict[int, _Pruning] = {}
+    for k, p in enumerate(per_input):
+        if k == base_index:
+            continue
+        density = p["density"]
+        if sparsification == "magnitude" and density < 1:
+            keep = max(1, int(density * numel)) if density > 0 else 0
+            if keep == 0:
+                out[k] = _Pruning(cut=0x7FFFFFFF)  # no magnitude above it, none of it kept: nothing kept
+            elif keep < layout.held(k):  # else every element held is among the top k
+                out[k] = _Pruning(k=keep, passes=2)
+            else:
+                out[k] = _Pruning()
+        elif sparsification == "random" and density < 1:
+            out[k] = _Pruning(prob=float(np.float32(density)), passes=1 if shared["rescale"] else 0)
+        else:
+            out[k] = _Pruning()
+    return out
+
+
+def read_passes(method: str, shared, per_input, base_index: int, layout: Layout) -> int:
+    """How many times merge_blocks loads each window: once when the tensor is held whole; else once per
+    statistics pass (two for the TIES cut, one for DARE's rescale) and once to merge."""
+    if len(layout.windows) <= 1:
+        return len(layout.windows)
+    prunings = _prunings(method, shared, per_input, base_index, layout)
+    return 1 + max((p.passes for p in prunings.values()), default=0)
+
+
+def merge_blocks(
+    method: str,
+    name: str,
+    entries: Sequence[TensorEntry],
+    base_index: int,
+    shared: dict[str, Any],
+    per_input: Sequence[dict[str, Any]],
+    layout: Layout,
+    load: Callable[[list[int]], dict[bytes, bytes]],
+    seed: int,
+    device: torch.device,
+    pool: ThreadPoolExecutor,
+) -> Iterator[tuple[int, Any, Stats | None, bytes | None]]:
+    """Yield (position, merged bytes, statistics, base bytes) in position order; merged bytes None where
+    the block is the base's. `load(positions)` returns the decoded blocks of Layout.reads: once per
+    window and pass (see read_passes). Blocks are merged in `pool`'s threads."""
+    backend = _backend(entries[base_index].dtype, device)
+    consensus = TASK_ARITHMETIC_FAMILY[method][1]
+    prunings = _prunings(method, shared, per_input, base_index, layout)
+    keys = {(k, j): block_seed(seed, name, k, j) for j, ks in enumerate(layout.changed) for k in ks}
+    held = load(layout.windows[0]) if len(layout.windows) == 1 else None
+
+    def windows():
+        for positions in layout.windows:
+            yield positions, held if held is not None else load(positions)
+
+    def pairs(positions, raw):  # (k, j, expert block, base block) of every changed block
+        base = layout.base_blocks
+        return [(k, j, raw[entries[k].blocks[j]], raw[base[j]]) for j in positions for k in layout.changed[j]]
+
+    # statistics: TIES's cut (two histograms), DARE's rescale (sums)
+    for step in range(max((p.passes for p in prunings.values()), default=0)):
+        counts = {k: np.zeros(HIGH_BINS, np.int64) for k, p in prunings.items() if p.k and step < p.passes}
+        sums = {k: [0.0, 0.0] for k, p in prunings.items() if p.prob >= 0 and step < p.passes}
+        for positions, raw in windows():
+            jobs = []
+            for k, j, e, b in pairs(positions, raw):
+                p = prunings[k]
+                if k in counts:
+                    jobs.append((k, pool.submit(backend.counts, e, b, step, p.cut >> 16)))
+                elif k in sums:
+                    jobs.append((k, pool.submit(backend.dare_sums, e, b, keys[(k, j)], p.prob)))
+            for k, job in jobs:
+                if k in counts:
+                    counts[k] += job.result()
+                else:
+                    before, after = job.result()
+                    sums[k][0] += before
+                    sums[k][1] += after
+        for k, hist in counts.items():
+            p = prunings[k]
+            if step == 0:  # until the second pass: the high bits of the cut, and the count above their bin
+                b, above = _bin_of_rank(hist, p.k - 1)
+                p.cut, p.tied = b << 16, above
+            else:
+                lo, above = _bin_of_rank(hist, p.k - 1 - p.tied)
+                p.cut, p.tied = p.cut | lo, p.k - p.tied - above
+        for k, (before, after) in sums.items():
+            prunings[k].scale = before / after if before >= 1e-7 and after >= 1e-7 else 1.0
+
+    # the merge, window by window, positions in parallel
+    weights = {k: p["weight"] for k, p in enumerate(per_input) if k != base_index}
+    total = sum(weights.values())
+    done = 0
+    for positions, raw in windows():
+        quotas = _tie_quotas(prunings, pairs(positions, raw), backend, pool)
+        jobs = []
+        for j in positions:
+            ks = layout.changed[j]
+            jobs.append(
+                pool.submit(
+                    backend.combine,
+                    raw[layout.base_blocks[j]],
+                    [raw[entries[k].blocks[j]] for k in ks],
+                    [weights[k] for k in ks],
+                    [prunings[k] for k in ks],
+                    [quotas.get((k, j), 0) for k in ks],
+                    [keys[(k, j)] for k in ks],
+                    consensus,
+                    shared,
+                    total - sum(weights[k] for k in ks),
+                )
+            )
+        for j, job in zip(positions, jobs):
+            for skipped in range(done, j):  # positions where nothing changed
+                yield skipped, None, None, None
+            out, stats = job.result()
+            yield j, out, stats, raw[layout.base_blocks[j]]
+            done = j + 1
+    for skipped in range(done, len(layout.sizes)):
+        yield skipped, None, None, None
+
+
+def _tie_quotas(prunings: dict[int, _Pruning], pairs, backend, pool) -> dict[tuple[int, int], int]:
+    """How many magnitudes equal to its cut each expert keeps at each of these positions: the first
+    ones in element order, so counted block by block, in order, while the expert's quota lasts."""
+    counted = {
+        (k, j): pool.submit(backend.equal, e, b, prunings[k].cut)
+        for k, j, e, b in pairs
+        if prunings[k].cut >= 0 and prunings[k].tied > 0
+    }
+    quotas = {}
+    for (k, j), job in counted.items():  # in position order for each expert
+        taken = min(job.result(), prunings[k].tied)
+        prunings[k].tied -= taken
+        quotas[(k, j)] = taken
+    return quotas
+
+
+def _bin_of_rank(counts: np.ndarray, rank: int) -> tuple[int, int]:
+    """(bin holding the value of descending rank `rank`, number of values in the bins above it)."""
+    above = np.cumsum(counts[::-1])[::-1] - counts
+    b = int(np.flatnonzero((above <= rank) & (rank < above + counts))[0])
+    return b, int(above[b])
+
+
+# ---------------------------------------------------------------------------- backends
+
+
+def _backend(dtype: str, device: torch.device):
+    if device.type == "cpu" and dtype in KERNEL_DTYPES:
+        return _KernelBackend(dtype)
+    return _TorchBackend(dtype, device)
+
+
+class _KernelBackend:
+    """The CPU: mpexec.kernels on the stored words (numba, compiled on first use)."""
+
+    def __init__(self, dtype: str):
+        from . import kernels
+
+        self.kernels = kernels
+        self.word = np.uint16 if dtype == "BF16" else np.uint32
+        self.shift = 16 if dtype == "BF16" else 0
+
+    def _words(self, raw: bytes) -> np.ndarray:
+        return np.frombuffer(raw, self.word)
+
+    def counts(self, expert: bytes, base: bytes, level: int, bin_: int) -> np.ndarray:
+        counts = np.zeros(HIGH_BINS, np.int64)
+        self.kernels.magnitude_counts(self._words(expert), self._words(base), self.shift, level, bin_, counts)
+        return counts
+
+    def equal(self, expert: bytes, base: bytes, cut: int) -> int:
+        return int(self.kernels.count_equal(self._words(expert), self._words(base), self.shift, cut))
+
+    def dare_sums(self, expert: bytes, base: bytes, key: int, prob: float) -> tuple[float, float]:
+        return self.kernels.dare_sums(self._words(expert), self._words(base), self.shift, np.uint64(key), prob)
+
+    def combine(self, base, experts, weights, prunings, quotas, keys, consensus, shared, omitted):
+        base_words = self._words(base)
+        stacked = np.empty((len(experts), len(base_words)), self.word)
+        for row, raw in zip(stacked, experts):
+            row[:] = self._words(raw)
+        out = np.empty_like(base_words)
+        stats = np.zeros(3)
+        self.kernels.combine(
+            base_words,
+            stacked,
+            self.shift,
+            np.array(weights, np.float64),
+            np.array([p.scale for p in prunings], np.float64),
+            np.array([p.cut for p in prunings], np.int64),
+            np.array(quotas, np.int64),
+            np.array(keys, np.uint64),
+            np.array([p.prob for p in prunings], np.float32),
+            bool(consensus),
+            bool(shared["normalize"]),
+            float(shared["lambda"]),
+            float(omitted),
+            out,
+            stats,
+        )
+        return memoryview(out).cast("B"), (float(stats[0]), float(stats[1]), int(stats[2]))
+
+
+class _TorchBackend:
+    """A GPU (or float16): the same arithmetic as mpexec.kernels in torch, blocks moved to the device
+    through pinned memory. Also run on the CPU by the tests, against the kernels."""
+
+    def __init__(self, dtype: str, device: torch.device):
+        self.dtype, self.device = TORCH_DTYPES[dtype], device
+        self.word = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[self.dtype]
+
+    def _stored(self, raw: bytes) -> torch.Tensor:
+        stored = torch.frombuffer(raw, dtype=self.dtype)
+        if self.device.type != "cpu":
+            stored = stored.pin_memory().to(self.device, non_blocking=True)  # the copy overlaps compute
+        return stored
+
+    def _magnitudes(self, expert: bytes, base: bytes) -> torch.Tensor:
+        """float32 bits of |expert - base| (non-negative: integer order is value order)."""
+        return (self._stored(expert).float() - self._stored(base).float()).abs().view(torch.int32)
+
+    def counts(self, expert: bytes, base: bytes, level: int, bin_: int) -> np.ndarray:
+        """Histogram of the high 16 bits of the magnitudes (level 0), or of the low 16 inside a bin."""
+        bits = self._magnitudes(expert, base)
+        if level == 0:
+            return torch.bincount(bits >> 16, minlength=HIGH_BINS).cpu().numpy()
+        return torch.bincount(bits[(bits >> 16) == bin_] & 0xFFFF, minlength=HIGH_BINS).cpu().numpy()
+
+    def equal(self, expert: bytes, base: bytes, cut: int) -> int:
+        return int((self._magnitudes(expert, base) == cut).sum())
+
+    def dare_sums(self, expert: bytes, base: bytes, key: int, prob: float) -> tuple[float, float]:
+        magnitudes = (self._stored(expert).float() - self._stored(base).float()).abs()
+        keep = dare_uniforms(key, magnitudes.numel(), self.device) < prob
+        return float(magnitudes.double().sum()), float((magnitudes * keep).double().sum())
+
+    def combine(self, base, experts, weights, prunings, quotas, keys, consensus, shared, omitted):
+        b = self._stored(base).float()
+        deltas = torch.stack([self._stored(raw).float() for raw in experts]) - b
+        zero = torch.zeros((), device=self.device)
+        for row, p, quota, key in zip(deltas, prunings, quotas, keys):
+            if p.cut >= 0:
+                bits = row.abs().view(torch.int32)
+                tied = bits == p.cut
+                keep = (bits > p.cut) | (tied & (tied.cumsum(0) <= quota))
+                row.copy_(torch.where(keep, row, zero))
+            if p.prob >= 0:
+                row.copy_(torch.where(dare_uniforms(key, row.numel(), self.device) < p.prob, row, zero))
+        scales = torch.tensor([p.scale for p in prunings], dtype=torch.float32, device=self.device)
+        w = torch.tensor(weights, dtype=torch.float32, device=self.device)
+        deltas = deltas * scales[:, None] * w[:, None]
+        if consensus:
+            positive = deltas.sum(0) >= 0
+            agree = torch.where(positive, deltas > 0, deltas < 0)
+            mixed = torch.where(agree, deltas, zero).sum(0)
+            if shared["normalize"]:
+                divisor = torch.where(agree, w[:, None], zero).sum(0)
+                mixed = mixed / torch.where(divisor != 0, divisor, torch.ones((), device=self.device))
+        else:
+            mixed = deltas.sum(0)
+            if shared["normalize"]:
+                divisor = w.sum() + np.float32(omitted)
+                mixed = mixed / (divisor if abs(float(divisor)) >= 1e-8 else 1.0)
+        if shared["lambda"] != 1:
+            mixed = mixed * np.float32(shared["lambda"])
+        out = (b + mixed).to(self.dtype)
+        diff = out.float() - b
+        changed = out.view(self.word) != self._stored(base).view(self.word)
+        diff = torch.where(changed & torch.isfinite(diff), diff, zero).double()
+        stats = (float(diff.square().sum().sqrt()), float(diff.abs().max()), int(changed.sum()))
+        return out.cpu().view(torch.uint8).numpy(), stats
+
+
+def dare_uniforms(key: int, n: int, device: torch.device, start: int = 0) -> torch.Tensor:
+    """float32 uniforms in [0, 1) of elements start..start+n of a DARE mask: mpexec.kernels' hash."""
+    mask = 0xFFFFFFFF
+    x = (torch.arange(start, start + n, dtype=torch.int64, device=device) * 0x9E3779B9 + (key & mask)) & mask
+    x = x ^ (key >> 32)
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & mask
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & mask
+    x = x ^ (x >> 16)
+    return (x >> 8).to(torch.float32) * (1.0 / (1 << 24))

@@ -1,0 +1,252 @@
+"""Fused CPU kernels of the block executor (numba): one pass over a block does what torch does in ~15.
+
+Blocks come as their stored words (uint16 for bfloat16, uint32 for float32); `shift` widens a word to
+float32 bits (16 for bfloat16, 0 for float32). Arithmetic is float32, in the order of
+methods.combine_deltas, so results match the torch path within float32 rounding. Elements are taken
+in tiles, widened into scratch first, so the inner loops run on float32 arrays.
+
+The kernels release the GIL: the executor runs them for several blocks at once in worker threads.
+The first call compiles them (cached on disk next to this file afterwards).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+TILE = 4096
+_SIGN = np.uint32(0x7FFFFFFF)
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _widen(words, shift, out_bits):
+    """float32 bits of stored words. (Loops index slices from 0: an offset index defeats vectorizing.)"""
+    for i in range(words.shape[0]):
+        out_bits[i] = np.uint32(words[i]) << shift
+
+
+_LOW32 = np.uint64(0xFFFFFFFF)
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _uniform(key, index):
+    """A uniform float32 in [0, 1) (24 random bits) from a 64-bit key and an element index: murmur3's
+    finalizer of (index * golden ratio + key), in 32 bits. blockmerge.dare_uniforms is the same hash
+    in torch, so every device draws the same numbers."""
+    x = (np.uint64(index) * np.uint64(0x9E3779B9) + (key & _LOW32)) & _LOW32
+    x ^= key >> np.uint64(32)
+    x ^= x >> np.uint64(16)
+    x = (x * np.uint64(0x85EBCA6B)) & _LOW32
+    x ^= x >> np.uint64(13)
+    x = (x * np.uint64(0xC2B2AE35)) & _LOW32
+    x ^= x >> np.uint64(16)
+    return np.float32(x >> np.uint64(8)) * np.float32(1.0 / (1 << 24))
+
+
+@numba.njit(nogil=True, cache=True)
+def magnitude_counts(expert, base, shift, level, bin_, counts):
+    """Histogram of |expert - base| as float32 bits, added to `counts`: of the high 16 bits (level 0),
+    or of the low 16 bits of those whose high bits are `bin_` (level 1). Returns the elements seen."""
+    n = base.shape[0]
+    e_bits = np.empty(TILE, np.uint32)
+    b_bits = np.empty(TILE, np.uint32)
+    e_val = e_bits.view(np.float32)
+    b_val = b_bits.view(np.float32)
+    mag = np.empty(TILE, np.float32)
+    mag_bits = mag.view(np.uint32)
+    sh = np.uint32(shift)
+    for start in range(0, n, TILE):
+        stop = min(n, start + TILE)
+        _widen(expert[start:stop], sh, e_bits)
+        _widen(base[start:stop], sh, b_bits)
+        for i in range(stop - start):
+            mag[i] = abs(e_val[i] - b_val[i])
+        for i in range(stop - start):
+            bits = mag_bits[i]
+            if level == 0:
+                counts[bits >> 16] += 1
+            elif (bits >> 16) == bin_:
+                counts[bits & 0xFFFF] += 1
+    return n
+
+
+@numba.njit(nogil=True, cache=True)
+def count_equal(expert, base, shift, cut):
+    """How many |expert - base| (float32 bits) equal `cut`."""
+    n = base.shape[0]
+    e_bits = np.empty(TILE, np.uint32)
+    b_bits = np.empty(TILE, np.uint32)
+    e_val = e_bits.view(np.float32)
+    b_val = b_bits.view(np.float32)
+    mag = np.empty(TILE, np.float32)
+    mag_bits = mag.view(np.uint32)
+    total = 0
+    sh = np.uint32(shift)
+    for start in range(0, n, TILE):
+        stop = min(n, start + TILE)
+        _widen(expert[start:stop], sh, e_bits)
+        _widen(base[start:stop], sh, b_bits)
+        for i in range(stop - start):
+            mag[i] = abs(e_val[i] - b_val[i])
+        for i in range(stop - start):
+            total += mag_bits[i] == cut
+    return total
+
+
+@numba.njit(nogil=True, cache=True)
+def dare_sums(expert, base, shift, seed, prob):
+    """(sum |delta|, sum |delta| over the elements DARE keeps), in float64: its L1 rescale."""
+    n = base.shape[0]
+    e_bits = np.empty(TILE, np.uint32)
+    b_bits = np.empty(TILE, np.uint32)
+    e_val = e_bits.view(np.float32)
+    b_val = b_bits.view(np.float32)
+    before = 0.0
+    after = 0.0
+    sh = np.uint32(shift)
+    for start in range(0, n, TILE):
+        stop = min(n, start + TILE)
+        _widen(expert[start:stop], sh, e_bits)
+        _widen(base[start:stop], sh, b_bits)
+        for i in range(stop - start):
+            m = abs(e_val[i] - b_val[i])
+            before += m
+            if _uniform(seed, start + i) < np.float32(prob):
+                after += m
+    return before, after
+
+
+@numba.njit(nogil=True, cache=True)
+def combine(
+    base,
+    experts,
+    shift,
+    weights,
+    scales,
+    cuts,
+    quotas,
+    seeds,
+    probs,
+    consensus,
+    normalize,
+    lam,
+    omitted,
+    out,
+    stats,
+):
+    """One merged block: base + lam * mix(weight_k * prune_k(expert_k - base)), written to `out` (words).
+
+    Per expert k: `cuts[k]` >= 0 trims to magnitudes (float32 bits) above the cut, plus the first
+    `quotas[k]` equal to it; `probs[k]` >= 0 keeps each element with that probability (DARE), drawn
+    from `seeds[k]` and the element's index; `scales[k]` rescales what is kept. mix: a sum, or with
+    `consensus` a sum over the deltas whose sign matches the elected one (the sign of the sum).
+    `normalize` divides by the weights summed (with `omitted`, the weight of experts whose delta is
+    zero here and are left out) or, with consensus, by the weights of the deltas that agree.
+    `stats` gets (L2 norm, max |out - base|, changed words)."""
+    m, n = experts.shape
+    b_bits = np.empty(TILE, np.uint32)
+    b_val = b_bits.view(np.float32)
+    e_bits = np.empty(TILE, np.uint32)
+    e_val = e_bits.view(np.float32)
+    d = np.empty(m * TILE, np.float32)  # pruned, weighted deltas: expert k at [k * TILE, (k + 1) * TILE)
+    mag = np.empty(TILE, np.float32)
+    mag_bits = mag.view(np.uint32)
+    total = np.empty(TILE, np.float32)
+    acc = np.empty(TILE, np.float32)
+    div = np.empty(TILE, np.float32)
+    o = np.empty(TILE, np.float32)
+    o_bits = o.view(np.uint32)
+    taken = np.zeros(m, np.int64)
+    weight_sum = np.float32(0)
+    for k in range(m):
+        weight_sum += np.float32(weights[k])
+    weight_sum += np.float32(omitted)
+    if abs(weight_sum) < 1e-8:
+        weight_sum = np.float32(1)
+    zero = np.float32(0)
+    sq = 0.0
+    peak = 0.0
+    changed = 0
+    sh = np.uint32(shift)
+    for start in range(0, n, TILE):
+        stop = min(n, start + TILE)
+        t = stop - start
+        base_tile = base[start:stop]
+        out_tile = out[start:stop]
+        _widen(base_tile, sh, b_bits)
+        for k in range(m):
+            row = d[k * TILE : k * TILE + t]
+            _widen(experts[k, start:stop], sh, e_bits)
+            for i in range(t):
+                row[i] = e_val[i] - b_val[i]
+            if cuts[k] >= 0:  # TIES: the top magnitudes, ties at the cut first in element order
+                cut = np.uint32(cuts[k])
+                for i in range(t):
+                    mag[i] = abs(row[i])
+                if taken[k] < quotas[k]:  # some magnitudes equal to the cut are still to keep: in order
+                    for i in range(t):
+                        bits = mag_bits[i]
+                        if bits == cut and taken[k] < quotas[k]:
+                            taken[k] += 1
+                        elif bits <= cut:
+                            row[i] = zero
+                else:
+                    for i in range(t):
+                        row[i] = row[i] if mag_bits[i] > cut else zero
+            if probs[k] >= 0:  # DARE
+                key = np.uint64(seeds[k])
+                p = probs[k]
+                for i in range(t):
+                    row[i] = row[i] if _uniform(key, start + i) < p else zero
+            s = np.float32(scales[k])
+            w = np.float32(weights[k])
+            for i in range(t):
+                row[i] = row[i] * s * w
+        if consensus:
+            total[:t] = zero
+            for k in range(m):
+                row = d[k * TILE : k * TILE + t]
+                for i in range(t):
+                    total[i] += row[i]
+            acc[:t] = zero
+            div[:t] = zero
+            for k in range(m):
+                row = d[k * TILE : k * TILE + t]
+                w = np.float32(weights[k])
+                for i in range(t):
+                    x = row[i]
+                    agree = (x > 0) if total[i] >= 0 else (x < 0)
+                    acc[i] += x if agree else zero
+                    div[i] += w if agree else zero
+            if normalize:
+                for i in range(t):
+                    acc[i] = acc[i] / (div[i] if div[i] != 0 else np.float32(1))
+        else:
+            acc[:t] = zero
+            for k in range(m):
+                row = d[k * TILE : k * TILE + t]
+                for i in range(t):
+                    acc[i] += row[i]
+            if normalize:
+                for i in range(t):
+                    acc[i] = acc[i] / weight_sum
+        lam32 = np.float32(lam)
+        for i in range(t):
+            o[i] = b_val[i] + (acc[i] * lam32 if lam != 1.0 else acc[i])
+        for i in range(t):
+            word = o_bits[i]
+            if shift == 16:  # to bfloat16: round to nearest even; NaN as torch rounds it
+                rounded = (word + np.uint32(0x7FFF) + ((word >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+                word = np.uint32(0x7FC0) if (word & _SIGN) > np.uint32(0x7F800000) else rounded
+            out_tile[i] = word
+            o_bits[i] = word << sh  # the stored value, for the statistics
+        for i in range(t):
+            differs = out_tile[i] != base_tile[i]
+            changed += differs
+            diff = o[i] - b_val[i]
+            diff = diff if differs and np.isfinite(diff) else zero
+            sq += np.float64(diff) * np.float64(diff)
+            peak = max(peak, abs(np.float64(diff)))
+    stats[0] = np.sqrt(sq)
+    stats[1] = peak
+    stats[2] = changed
