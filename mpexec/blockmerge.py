@@ -182,26 +182,36 @@ def merge_blocks(
     keys = {(k, j): block_seed(seed, name, k, j) for j, ks in enumerate(layout.changed) for k in ks}
     held = load(layout.windows[0]) if len(layout.windows) == 1 else None
 
-    def windows():
-        for positions in layout.windows:
-            yield positions, held if held is not None else load(positions)
+    def windows():  # (positions, their blocks), the next window read while this one is merged
+        if held is not None:
+            yield layout.windows[0], held
+            return
+        with ThreadPoolExecutor(1, "mpexec-window") as reader:
+            ahead = reader.submit(load, layout.windows[0])
+            for i, positions in enumerate(layout.windows):
+                raw = ahead.result()
+                if i + 1 < len(layout.windows):
+                    ahead = reader.submit(load, layout.windows[i + 1])
+                yield positions, raw
 
-    def pairs(positions, raw):  # (k, j, expert block, base block) of every changed block
-        base = layout.base_blocks
-        return [(k, j, raw[entries[k].blocks[j]], raw[base[j]]) for j in positions for k in layout.changed[j]]
-
-    # statistics: TIES's cut (two histograms), DARE's rescale (sums)
+    # statistics: TIES's cut (two histograms), DARE's rescale (sums); one job per expert and window
     for step in range(max((p.passes for p in prunings.values()), default=0)):
         counts = {k: np.zeros(HIGH_BINS, np.int64) for k, p in prunings.items() if p.k and step < p.passes}
         sums = {k: [0.0, 0.0] for k, p in prunings.items() if p.prob >= 0 and step < p.passes}
         for positions, raw in windows():
             jobs = []
-            for k, j, e, b in pairs(positions, raw):
+            for k in sorted(set(counts) | set(sums)):
+                blocks = [
+                    (raw[entries[k].blocks[j]], raw[layout.base_blocks[j]]) for j in positions if k in layout.changed[j]
+                ]
+                if not blocks:
+                    continue
                 p = prunings[k]
                 if k in counts:
-                    jobs.append((k, pool.submit(backend.counts, e, b, step, p.cut >> 16)))
-                elif k in sums:
-                    jobs.append((k, pool.submit(backend.dare_sums, e, b, keys[(k, j)], p.prob)))
+                    jobs.append((k, pool.submit(backend.counts, blocks, step, p.cut >> 16)))
+                else:
+                    seeds = [keys[(k, j)] for j in positions if k in layout.changed[j]]
+                    jobs.append((k, pool.submit(backend.dare_sums, blocks, seeds, p.prob)))
             for k, job in jobs:
                 if k in counts:
                     counts[k] += job.result()
@@ -225,7 +235,7 @@ def merge_blocks(
     total = sum(weights.values())
     done = 0
     for positions, raw in windows():
-        quotas = _tie_quotas(prunings, pairs(positions, raw), backend, pool)
+        quotas = _tie_quotas(prunings, layout, entries, positions, raw, backend, pool)
         jobs = []
         for j in positions:
             ks = layout.changed[j]
@@ -253,19 +263,21 @@ def merge_blocks(
         yield skipped, None, None, None
 
 
-def _tie_quotas(prunings: dict[int, _Pruning], pairs, backend, pool) -> dict[tuple[int, int], int]:
+def _tie_quotas(prunings: dict[int, _Pruning], layout: Layout, entries, positions, raw, backend, pool):
     """How many magnitudes equal to its cut each expert keeps at each of these positions: the first
     ones in element order, so counted block by block, in order, while the expert's quota lasts."""
-    counted = {
-        (k, j): pool.submit(backend.equal, e, b, prunings[k].cut)
-        for k, j, e, b in pairs
-        if prunings[k].cut >= 0 and prunings[k].tied > 0
-    }
+    jobs = {}
+    for k, p in prunings.items():
+        mine = [j for j in positions if k in layout.changed[j]]
+        if p.cut >= 0 and p.tied > 0 and mine:
+            blocks = [(raw[entries[k].blocks[j]], raw[layout.base_blocks[j]]) for j in mine]
+            jobs[k] = (mine, pool.submit(backend.equal, blocks, p.cut))
     quotas = {}
-    for (k, j), job in counted.items():  # in position order for each expert
-        taken = min(job.result(), prunings[k].tied)
-        prunings[k].tied -= taken
-        quotas[(k, j)] = taken
+    for k, (mine, job) in jobs.items():
+        for j, count in zip(mine, job.result()):
+            taken = min(count, prunings[k].tied)
+            prunings[k].tied -= taken
+            quotas[(k, j)] = taken
     return quotas
 
 
@@ -277,6 +289,13 @@ def _bin_of_rank(counts: np.ndarray, rank: int) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------- backends
+
+
+def load_kernels() -> None:
+    """Import mpexec.kernels and load their compiled code (from numba's cache after the first run)."""
+    from . import kernels
+
+    kernels.warm_up()
 
 
 def _backend(dtype: str, device: torch.device):
@@ -298,16 +317,28 @@ class _KernelBackend:
     def _words(self, raw: bytes) -> np.ndarray:
         return np.frombuffer(raw, self.word)
 
-    def counts(self, expert: bytes, base: bytes, level: int, bin_: int) -> np.ndarray:
-        counts = np.zeros(HIGH_BINS, np.int64)
-        self.kernels.magnitude_counts(self._words(expert), self._words(base), self.shift, level, bin_, counts)
-        return counts
+    def counts(self, blocks: list[tuple[bytes, bytes]], level: int, bin_: int) -> np.ndarray:
+        """Histogram of the high 16 bits of |expert - base| over (expert, base) blocks (level 0), or of
+        the low 16 bits inside bin `bin_` (level 1)."""
+        # level 0: |delta| has no sign bit, so its high 16 bits are below 2**15
+        counts = np.zeros((4, HIGH_BINS // 2 if level == 0 else HIGH_BINS), np.int64)
+        for expert, base in blocks:
+            self.kernels.magnitude_counts(self._words(expert), self._words(base), self.shift, level, bin_, counts)
+        total = np.zeros(HIGH_BINS, np.int64)
+        total[: counts.shape[1]] = counts.sum(axis=0)
+        return total
 
-    def equal(self, expert: bytes, base: bytes, cut: int) -> int:
-        return int(self.kernels.count_equal(self._words(expert), self._words(base), self.shift, cut))
+    def equal(self, blocks: list[tuple[bytes, bytes]], cut: int) -> list[int]:
+        """Per (expert, base) block, how many |expert - base| equal the cut."""
+        return [int(self.kernels.count_equal(self._words(e), self._words(b), self.shift, cut)) for e, b in blocks]
 
-    def dare_sums(self, expert: bytes, base: bytes, key: int, prob: float) -> tuple[float, float]:
-        return self.kernels.dare_sums(self._words(expert), self._words(base), self.shift, np.uint64(key), prob)
+    def dare_sums(self, blocks: list[tuple[bytes, bytes]], keys: list[int], prob: float) -> tuple[float, float]:
+        """sum |delta| and its sum over the elements DARE keeps, over (expert, base) blocks."""
+        before = after = 0.0
+        for (expert, base), key in zip(blocks, keys):
+            b, a = self.kernels.dare_sums(self._words(expert), self._words(base), self.shift, np.uint64(key), prob)
+            before, after = before + b, after + a
+        return before, after
 
     def combine(self, base, experts, weights, prunings, quotas, keys, consensus, shared, omitted):
         base_words = self._words(base)
@@ -354,20 +385,27 @@ class _TorchBackend:
         """float32 bits of |expert - base| (non-negative: integer order is value order)."""
         return (self._stored(expert).float() - self._stored(base).float()).abs().view(torch.int32)
 
-    def counts(self, expert: bytes, base: bytes, level: int, bin_: int) -> np.ndarray:
-        """Histogram of the high 16 bits of the magnitudes (level 0), or of the low 16 inside a bin."""
-        bits = self._magnitudes(expert, base)
-        if level == 0:
-            return torch.bincount(bits >> 16, minlength=HIGH_BINS).cpu().numpy()
-        return torch.bincount(bits[(bits >> 16) == bin_] & 0xFFFF, minlength=HIGH_BINS).cpu().numpy()
+    def counts(self, blocks: list[tuple[bytes, bytes]], level: int, bin_: int) -> np.ndarray:
+        total = torch.zeros(HIGH_BINS, dtype=torch.int64, device=self.device)
+        for expert, base in blocks:
+            bits = self._magnitudes(expert, base)
+            if level == 0:
+                total += torch.bincount(bits >> 16, minlength=HIGH_BINS)
+            else:
+                total += torch.bincount(bits[(bits >> 16) == bin_] & 0xFFFF, minlength=HIGH_BINS)
+        return total.cpu().numpy()
 
-    def equal(self, expert: bytes, base: bytes, cut: int) -> int:
-        return int((self._magnitudes(expert, base) == cut).sum())
+    def equal(self, blocks: list[tuple[bytes, bytes]], cut: int) -> list[int]:
+        return [int((self._magnitudes(e, b) == cut).sum()) for e, b in blocks]
 
-    def dare_sums(self, expert: bytes, base: bytes, key: int, prob: float) -> tuple[float, float]:
-        magnitudes = (self._stored(expert).float() - self._stored(base).float()).abs()
-        keep = dare_uniforms(key, magnitudes.numel(), self.device) < prob
-        return float(magnitudes.double().sum()), float((magnitudes * keep).double().sum())
+    def dare_sums(self, blocks: list[tuple[bytes, bytes]], keys: list[int], prob: float) -> tuple[float, float]:
+        before = after = 0.0
+        for (expert, base), key in zip(blocks, keys):
+            magnitudes = (self._stored(expert).float() - self._stored(base).float()).abs()
+            keep = dare_uniforms(key, magnitudes.numel(), self.device) < prob
+            before += float(magnitudes.double().sum())
+            after += float((magnitudes * keep).double().sum())
+        return before, after
 
     def combine(self, base, experts, weights, prunings, quotas, keys, consensus, shared, omitted):
         b = self._stored(base).float()
