@@ -52,15 +52,15 @@ from bench.bench_store import baseline_read_sha256, folder_files, ingest_all, ma
 from bench.modelgen import PRESETS, make_suite, param_count
 from mpstore.store import Store
 
-SECTION = "## Merge (issues 3-5, baseline)"
+SECTION = "## Merge (issue 5)"
 METHODS = ("task_arithmetic", "ties", "dare_ties", "slerp")
 KINDS = ("lora", "partial", "full")
 PLOT_TIME = "merge_time.png"
 PLOT_IO = "merge_io.png"
 MB = 1e6
 GIB = 1 << 30
-# Targets these figures are the baseline for (issues 4 and 5).
-TARGET_SPEEDUPS = "10x/12x"
+# Issue 5's targets: speedups over mergekit for 8 experts, whole processes; peak RSS.
+TARGET_SPEEDUPS = {"task_arithmetic": 10.0, "ties": 12.0, "dare_ties": 10.0}
 TARGET_RSS = GIB
 TARGET_IO_RATIO = 3.0  # mergekit bytes / mpstore bytes_read, task_arithmetic of 8 experts
 
@@ -234,6 +234,13 @@ def _shown(cmd: list[str], workdir: Path) -> str:
     return shlex.join([Path(cmd[0]).name] + cmd[1:]).replace(str(workdir), "$WORK")
 
 
+def drop_output(mpstore_exe: str, store_path: Path, ref: str) -> None:
+    """Remove a previous run's merged snapshot and collect its blocks, so the next run writes them again
+    (a merge that finds its output stored already writes nothing: timing that would flatter mpstore)."""
+    subprocess.run([mpstore_exe, "--store", str(store_path), "ref", "rm", ref], capture_output=True)
+    subprocess.run([mpstore_exe, "--store", str(store_path), "gc", "--json"], capture_output=True, check=True)
+
+
 def code_version() -> str:
     """The commit the merge code was measured at, and whether mpstore/mpexec/mpcli had local changes."""
     try:
@@ -311,6 +318,7 @@ def run(
     repeat: int,
     work: Path | None = None,
     dtype: str | None = None,
+    scale_preset: str | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Build or reuse the suite, ingest it, run every case `repeat` times with both tools; the figures."""
@@ -358,7 +366,11 @@ def run(
         floors = {"mergekit": [], "mpstore": []}  # interpreter + imports only
         floor_cmds = {
             "mergekit": [sys.executable, "-c", "import mergekit.merge, mergekit.config, torch"],
-            "mpstore": [sys.executable, "-c", "import mpcli.main, mpexec.merge, torch"],
+            "mpstore": [
+                sys.executable,
+                "-c",
+                "import mpcli.main, mpexec.merge, torch; from mpexec import kernels; kernels.warm_up()",
+            ],
         }
 
         specs = []
@@ -418,6 +430,8 @@ def run(
         def once(spec: dict, who: str) -> ProcRun:
             if who == "mergekit" and spec["out"].exists():
                 shutil.rmtree(spec["out"])
+            if who.startswith("mpstore"):  # the merge writes its output afresh, as mergekit does
+                drop_output(mpstore_exe, store_path, spec["ref"] + ("-paths" if who == "mpstore_paths" else ""))
             warm(spec["files"] + [p for p in sorted(store_path.rglob("*")) if p.is_file()])
             r = run_measured(spec[who], env)
             if r.returncode != 0:
@@ -479,6 +493,11 @@ def run(
                     f"{agree['beyond_ulp']} bf16 elements > 1 ulp apart, {agree['bad_f32']} outside f32 tolerance"
                 )
             fig["store_bytes_after"] = store.du().total_bytes
+        ties8 = next((spec for spec in specs if spec["case"].key == "ties-8"), None)
+        if ties8 is not None:
+            fig["pipeline"] = pipeline(mpstore_exe, workdir, paths, ties8, env, log)
+        if scale_preset:
+            fig["scaling"] = scaling(scale_preset, data, workdir, mpstore_exe, env, log)
         fig["floors"] = {
             who: {
                 "wall": statistics.median(x.wall for x in runs),
@@ -493,6 +512,52 @@ def run(
         log(f"WARNING: the code changed during the run ({fig['code']} -> {now})")
         fig["code"] += f" at the start, {now} at the end (it changed during the run)"
     return fig
+
+
+def pipeline(mpstore_exe: str, workdir: Path, paths: dict[str, Path], ties8: dict, env, log) -> dict:
+    """Issue 5: ingest of the nine models (base + the 8 experts) into a new store plus one ties merge of
+    the 8, all as `mpstore` commands (start-up included), against mergekit's single ties merge."""
+    store = workdir / "pipeline-store"
+    names = ["base"] + ties8["case"].experts
+    warm([p for name in names for p in folder_files(paths[name]).values()])
+    steps = [("init", [mpstore_exe, "--store", str(store), "init"])]
+    for name in names:
+        base = [] if name == "base" else ["--base", "base"]
+        steps.append(
+            (f"ingest {name}", [mpstore_exe, "--store", str(store), "ingest", str(paths[name]), "--name", name] + base)
+        )
+    ref_yml = workdir / f"{ties8['case'].key}.refs.yml"
+    steps.append(("merge ties-8", [mpstore_exe, "--store", str(store), "merge", str(ref_yml), "--name", "p", "--json"]))
+    walls = {}
+    for label, cmd in steps:
+        r = run_measured(cmd, env)
+        if r.returncode != 0:
+            raise RuntimeError(f"{shlex.join(cmd)} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+        walls[label] = r.wall
+    total = sum(walls.values())
+    mergekit = statistics.median(x.wall for x in ties8["runs"]["mergekit"])
+    log(f"pipeline: init + ingest of {len(names)} + ties-8 merge {total:.2f} s; mergekit ties-8 {mergekit:.2f} s")
+    return {"walls": walls, "total": total, "mergekit": mergekit}
+
+
+def scaling(preset: str, data: Path, workdir: Path, mpstore_exe: str, env, log) -> dict:
+    """Peak RSS and wall of mpstore's 8-expert merges on a bigger model (fresh store, outputs new)."""
+    paths = make_suite(data.parent / f"{data.name}-{preset}", preset=preset, n_lora=3, n_partial=3, n_full=2, log=log)
+    paths = {name: Path(p).resolve() for name, p in paths.items()}
+    store = workdir / "scale-store"
+    ing = ingest_all(store, paths, "base")
+    experts = pick_experts(paths, 8)
+    out = {"preset": preset, "params": param_count(PRESETS[preset]), "ingest_s": ing.seconds, "rows": {}}
+    for method in ("task_arithmetic", "ties"):
+        yml = workdir / f"scale-{method}.yml"
+        yml.write_text(merge_yaml(method, "base", experts))
+        warm([p for p in sorted(store.rglob("*")) if p.is_file()])
+        r = run_measured([mpstore_exe, "--store", str(store), "merge", str(yml), "--name", method, "--json"], env)
+        if r.returncode != 0:
+            raise RuntimeError(f"scaling merge failed ({r.returncode}):\n{r.stderr[-3000:]}")
+        out["rows"][method] = {"wall": r.wall, "maxrss": r.maxrss, "written": json.loads(r.stdout)["written_bytes"]}
+        log(f"scaling {preset} {method}-8: {r.wall:.2f} s, RSS {r.maxrss / MB:.0f} MB")
+    return out
 
 
 # ---------------------------------------------------------------------------- report
@@ -510,16 +575,56 @@ def bytes_read(row: dict) -> float:
 def table(fig: dict) -> str:
     lines = [
         "| method | N | mergekit s | mpstore s | speedup | mergekit RSS MB | mpstore RSS MB "
-        "| mergekit read MB | mpstore bytes_read MB | ratio |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| expert GB/s mergekit / mpstore | mergekit read MB | mpstore bytes_read MB | ratio | mpstore written MB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in fig["rows"]:
         read = bytes_read(row)
         ratio = f"{row['input_bytes'] / read:.1f}x" if read else "inf"
+        experts = row["n"] * fig["params"] * 2  # bf16 bytes of the experts' parameters
         lines.append(
             f"| {row['method']} | {row['n']} | {row['mergekit_s']:.2f} | {row['mpstore_s']:.2f} "
             f"| {row['mergekit_s'] / row['mpstore_s']:.2f}x | {row['mergekit_rss'] / MB:.0f} "
-            f"| {row['mpstore_rss'] / MB:.0f} | {_mb(row['input_bytes'])} | {_mb(read)} | {ratio} |"
+            f"| {row['mpstore_rss'] / MB:.0f} | {experts / row['mergekit_s'] / 1e9:.2f} / "
+            f"{experts / row['mpstore_s'] / 1e9:.2f} | {_mb(row['input_bytes'])} | {_mb(read)} | {ratio} "
+            f"| {_mb(row['mpstore']['written_bytes'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def targets(fig: dict) -> str:
+    """Issue 5's targets against this run (8 experts)."""
+    rows = {(r["method"], r["n"]): r for r in fig["rows"]}
+    lines = ["| target | measured | met |", "| --- | --- | --- |"]
+    for method, want in TARGET_SPEEDUPS.items():
+        r = rows.get((method, 8))
+        if r:
+            got = r["mergekit_s"] / r["mpstore_s"]
+            lines.append(
+                f"| {method}, 8 experts: >= {want:.0f}x faster than mergekit | {got:.2f}x "
+                f"({r['mergekit_s']:.2f} s / {r['mpstore_s']:.2f} s) | {'yes' if got >= want else 'no'} |"
+            )
+    peak = max(r["mpstore_rss"] for r in fig["rows"])
+    lines.append(
+        f"| peak RSS of a merge <= 1 GiB | {peak / MB:.0f} MB (largest of all runs) "
+        f"| {'yes' if peak <= TARGET_RSS else 'no'} |"
+    )
+    sc = fig.get("scaling")
+    if sc:
+        for method, row in sc["rows"].items():
+            here = rows.get((method, 8))
+            if here:
+                grew = row["maxrss"] > here["mpstore_rss"] * 1.1
+                lines.append(
+                    f"| RSS not growing when the model doubles ({method}-8: {fig['params'] / 1e6:.0f}M -> "
+                    f"{sc['params'] / 1e6:.0f}M parameters) | {here['mpstore_rss'] / MB:.0f} MB -> "
+                    f"{row['maxrss'] / MB:.0f} MB | {'no' if grew else 'yes'} |"
+                )
+    pl = fig.get("pipeline")
+    if pl:
+        lines.append(
+            f"| ingest of the 9 models + one ties merge, together, faster than mergekit's ties merge "
+            f"| {pl['total']:.2f} s vs {pl['mergekit']:.2f} s | {'yes' if pl['total'] < pl['mergekit'] else 'no'} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -532,6 +637,8 @@ def render(fig: dict, plots: tuple[str, str] | None = None) -> str:
     rows = fig["rows"]
     ta8 = next((r for r in rows if r["method"] == "task_arithmetic" and r["n"] == 8), None)
     lines = [
+        targets(fig).rstrip(),
+        "",
         f"Measured {fig['date']} on {m['nproc']} cores ({m['cpu']}, {m['mem']}), Python {m['python']}; "
         f"{m['libs']}; code at commit {fig['code']}. Load average (1 min) at the start: {fig['load_at_start']:.2f}.",
         "",
@@ -558,7 +665,10 @@ def render(fig: dict, plots: tuple[str, str] | None = None) -> str:
         "read and hashed in full); that same-YAML variant is reported in the second table.",
         "",
         "Both tools run as whole processes, start-up and imports included, each case "
-        f"{fig['repeat']} times with the tools interleaved; medians. Commands (first case): "
+        f"{fig['repeat']} times with the tools interleaved; medians. Before every mpstore run the previous "
+        "run's snapshot is removed and collected (`ref rm`, `gc`; not timed), so every merge computes and "
+        "writes its output afresh (an identical merge finds its blocks stored and writes nothing). "
+        "Commands (first case): "
         f"`HF_HUB_OFFLINE=1 {fig['commands']['mergekit']}` and `{fig['commands']['mpstore']}`. "
         "mergekit writes a model folder (safetensors, config, model card; no fsync); mpstore commits a "
         "snapshot to the store (fsynced; no export). RSS: peak resident set of the process (`ru_maxrss` "
@@ -580,12 +690,12 @@ def render(fig: dict, plots: tuple[str, str] | None = None) -> str:
         "",
         table(fig).rstrip(),
         "",
-        "Targets these are the baseline for: issue 5, "
-        f"{TARGET_SPEEDUPS} speed over mergekit and peak RSS <= 1 GiB; issue 4, >= "
-        f"{TARGET_IO_RATIO:.0f}x fewer bytes read than mergekit for the exact task_arithmetic merge of 8 experts"
+        "Expert GB/s: the N experts' bf16 parameters divided by the whole command's wall time. Issue 4's "
+        f"target, >= {TARGET_IO_RATIO:.0f}x fewer bytes read than mergekit for the exact task_arithmetic "
+        "merge of 8 experts"
         + (
-            f" (here {ta8['input_bytes'] / max(bytes_read(ta8), 1):.1f}x: "
-            f"{_mb(ta8['input_bytes'])} MB vs {_mb(bytes_read(ta8))} MB)."
+            f": here {ta8['input_bytes'] / max(bytes_read(ta8), 1):.1f}x "
+            f"({_mb(ta8['input_bytes'])} MB vs {_mb(bytes_read(ta8))} MB)."
             if ta8
             else "."
         ),
@@ -595,6 +705,27 @@ def render(fig: dict, plots: tuple[str, str] | None = None) -> str:
         f"{fl['mpstore']['wall']:.2f} s, {fl['mpstore']['maxrss'] / MB:.0f} MB RSS, rchar "
         f"{_mb(fl['mpstore']['rchar'])} MB.",
     ]
+    pl, sc = fig.get("pipeline"), fig.get("scaling")
+    if pl:
+        lines += [
+            "",
+            "Ingest and merge together: a new store, `mpstore init`, `mpstore ingest` of the base and the 8 "
+            "experts of the ties-8 case (each a whole process), then `mpstore merge` of the ties-8 YAML: "
+            + ", ".join(f"{label} {wall:.2f} s" for label, wall in pl["walls"].items())
+            + f"; total {pl['total']:.2f} s, against mergekit's ties-8 merge alone, {pl['mergekit']:.2f} s.",
+        ]
+    if sc:
+        lines += [
+            "",
+            f"Bigger model: preset {sc['preset']!r} ({sc['params'] / 1e6:.1f}M parameters, "
+            f"{sc['params'] / fig['params']:.2f}x; every matrix larger), 8 experts (3/3/2), ingested into a new "
+            f"store ({sc['ingest_s']:.1f} s); one fresh merge each: "
+            + "; ".join(
+                f"{method}-8 {row['wall']:.2f} s, peak RSS {row['maxrss'] / MB:.0f} MB"
+                for method, row in sc["rows"].items()
+            )
+            + ".",
+        ]
     if plots:
         lines += ["", f"![merge time vs experts]({plots[0]}) ![bytes read vs experts]({plots[1]})"]
     lines += [
@@ -626,9 +757,10 @@ def render(fig: dict, plots: tuple[str, str] | None = None) -> str:
     lines += [
         "",
         "dare_ties draws different random masks in the two tools (mergekit: torch's global generator; "
-        "mpstore: a generator per tensor seeded from `--seed` and the tensor name), so its outputs are not "
-        "expected to agree element by element. The other differences come from bf16 arithmetic in mergekit "
-        "against float32 in mpstore.",
+        "mpstore: a hash of `--seed`, tensor, input, block position and element index), so its outputs are "
+        "not expected to agree element by element. The other differences come from bf16 arithmetic in "
+        "mergekit against float32 in mpstore, and, for ties, from which magnitudes equal to the cut each "
+        "keeps.",
     ]
     if not all(r["rchar_exact"] for r in rows):
         lines += ["", "Some rchar values are the last poll before exit, not the value at exit."]
@@ -735,6 +867,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--dtype", default=None, help="add `dtype: DTYPE` to every YAML (default: none, as in the reported baseline)"
     )
+    parser.add_argument(
+        "--scale-preset",
+        choices=list(PRESETS),
+        default=None,
+        help="also merge 8 experts of this (bigger) preset with mpstore alone: peak RSS as the model grows",
+    )
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
@@ -743,7 +881,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    fig = run(args.preset, args.data, args.experts, args.methods, args.repeat, args.work, args.dtype)
+    fig = run(args.preset, args.data, args.experts, args.methods, args.repeat, args.work, args.dtype, args.scale_preset)
     fig["machine"] = machine()
     from importlib.metadata import version
 

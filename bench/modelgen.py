@@ -12,7 +12,7 @@ Deltas are computed in float32 and cast back to the stored dtype (bf16), like a 
 the bytes have the same structure a merge tool sees in practice. Every tensor is drawn from its own
 generator keyed by (seed, kind, tensor name), so output is deterministic and independent of sharding.
 
-CLI: ``python -m bench.modelgen OUT [--preset tiny|small|bench|268m] [--lora 3 --partial 3 --full 2]
+CLI: ``python -m bench.modelgen OUT [--preset tiny|small|bench|268m|550m] [--lora 3 --partial 3 --full 2]
 [--seed 0] [--shard-bytes N]``.
 """
 
@@ -85,6 +85,9 @@ PRESETS: dict[str, dict] = {
     "small": llama_config(hidden=256, intermediate=704, layers=4, vocab=4096, heads=4, kv_heads=4),
     "bench": llama_config(hidden=512, intermediate=1408, layers=8, vocab=32000, heads=8, kv_heads=8),
     "268m": llama_config(hidden=1024, intermediate=2816, layers=16, vocab=32000, heads=16, kv_heads=16),
+    # 268m widened to twice the parameters (each layer matrix ~2.2x, the embeddings 1.5x): for memory
+    # that must not grow with the model
+    "550m": llama_config(hidden=1536, intermediate=4096, layers=16, vocab=32000, heads=16, kv_heads=16),
 }
 
 

@@ -23,6 +23,7 @@ merge, so memory stays flat whatever the tensor's size. The executor (mpexec.exe
 from __future__ import annotations
 
 import hashlib
+import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -197,7 +198,7 @@ def merge_blocks(
     # statistics: TIES's cut (two histograms), DARE's rescale (sums); one job per expert and window
     for step in range(max((p.passes for p in prunings.values()), default=0)):
         counts = {k: np.zeros(HIGH_BINS, np.int64) for k, p in prunings.items() if p.k and step < p.passes}
-        sums = {k: [0.0, 0.0] for k, p in prunings.items() if p.prob >= 0 and step < p.passes}
+        sums: dict[int, list] = {k: [] for k, p in prunings.items() if p.prob >= 0 and step < p.passes}
         for positions, raw in windows():
             jobs = []
             for k in sorted(set(counts) | set(sums)):
@@ -216,9 +217,7 @@ def merge_blocks(
                 if k in counts:
                     counts[k] += job.result()
                 else:
-                    before, after = job.result()
-                    sums[k][0] += before
-                    sums[k][1] += after
+                    sums[k] += job.result()
         for k, hist in counts.items():
             p = prunings[k]
             if step == 0:  # until the second pass: the high bits of the cut, and the count above their bin
@@ -227,7 +226,8 @@ def merge_blocks(
             else:
                 lo, above = _bin_of_rank(hist, p.k - 1 - p.tied)
                 p.cut, p.tied = p.cut | lo, p.k - p.tied - above
-        for k, (before, after) in sums.items():
+        for k, per_block in sums.items():  # exact sums: the same whatever the windows
+            before, after = math.fsum(b for b, _ in per_block), math.fsum(a for _, a in per_block)
             prunings[k].scale = before / after if before >= 1e-7 and after >= 1e-7 else 1.0
 
     # the merge, window by window, positions in parallel
@@ -332,13 +332,12 @@ class _KernelBackend:
         """Per (expert, base) block, how many |expert - base| equal the cut."""
         return [int(self.kernels.count_equal(self._words(e), self._words(b), self.shift, cut)) for e, b in blocks]
 
-    def dare_sums(self, blocks: list[tuple[bytes, bytes]], keys: list[int], prob: float) -> tuple[float, float]:
-        """sum |delta| and its sum over the elements DARE keeps, over (expert, base) blocks."""
-        before = after = 0.0
-        for (expert, base), key in zip(blocks, keys):
-            b, a = self.kernels.dare_sums(self._words(expert), self._words(base), self.shift, np.uint64(key), prob)
-            before, after = before + b, after + a
-        return before, after
+    def dare_sums(self, blocks: list[tuple[bytes, bytes]], keys: list[int], prob: float) -> list[tuple[float, float]]:
+        """Per (expert, base) block: sum |delta|, and its sum over the elements DARE keeps."""
+        return [
+            self.kernels.dare_sums(self._words(expert), self._words(base), self.shift, np.uint64(key), prob)
+            for (expert, base), key in zip(blocks, keys)
+        ]
 
     def combine(self, base, experts, weights, prunings, quotas, keys, consensus, shared, omitted):
         base_words = self._words(base)
@@ -398,14 +397,13 @@ class _TorchBackend:
     def equal(self, blocks: list[tuple[bytes, bytes]], cut: int) -> list[int]:
         return [int((self._magnitudes(e, b) == cut).sum()) for e, b in blocks]
 
-    def dare_sums(self, blocks: list[tuple[bytes, bytes]], keys: list[int], prob: float) -> tuple[float, float]:
-        before = after = 0.0
+    def dare_sums(self, blocks: list[tuple[bytes, bytes]], keys: list[int], prob: float) -> list[tuple[float, float]]:
+        sums = []
         for (expert, base), key in zip(blocks, keys):
-            magnitudes = (self._stored(expert).float() - self._stored(base).float()).abs()
+            magnitudes = (self._stored(expert).float() - self._stored(base).float()).abs().double()
             keep = dare_uniforms(key, magnitudes.numel(), self.device) < prob
-            before += float(magnitudes.double().sum())
-            after += float((magnitudes * keep).double().sum())
-        return before, after
+            sums.append((float(magnitudes.sum()), float((magnitudes * keep).sum())))
+        return sums
 
     def combine(self, base, experts, weights, prunings, quotas, keys, consensus, shared, omitted):
         b = self._stored(base).float()
