@@ -31,12 +31,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from mpstore.dtypes import dtype_named
 from mpstore.snapshot import TensorEntry
-from mpstore.torch_dtypes import TORCH_DTYPES
 
+from .lazy_torch import torch
 from .methods import TASK_ARITHMETIC_FAMILY
 
 SPARSIFICATIONS = (None, "magnitude", "random")  # della and breadcrumbs: the whole-tensor kernels
@@ -171,7 +170,7 @@ def merge_blocks(
     layout: Layout,
     load: Callable[[list[int]], dict[bytes, bytes]],
     seed: int,
-    device: torch.device,
+    device: str,
     pool: ThreadPoolExecutor,
 ) -> Iterator[tuple[int, Any, Stats | None, bytes | None]]:
     """Yield (position, merged bytes, statistics, base bytes) in position order; merged bytes None where
@@ -298,8 +297,8 @@ def load_kernels() -> None:
     kernels.warm_up()
 
 
-def _backend(dtype: str, device: torch.device):
-    if device.type == "cpu" and dtype in KERNEL_DTYPES:
+def _backend(dtype: str, device: str):
+    if device == "cpu" and dtype in KERNEL_DTYPES:
         return _KernelBackend(dtype)
     return _TorchBackend(dtype, device)
 
@@ -370,13 +369,15 @@ class _TorchBackend:
     """A GPU (or float16): the same arithmetic as mpexec.kernels in torch, blocks moved to the device
     through pinned memory. Also run on the CPU by the tests, against the kernels."""
 
-    def __init__(self, dtype: str, device: torch.device):
+    def __init__(self, dtype: str, device: str):
+        from mpstore.torch_dtypes import TORCH_DTYPES
+
         self.dtype, self.device = TORCH_DTYPES[dtype], device
         self.word = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[self.dtype]
 
     def _stored(self, raw: bytes) -> torch.Tensor:
         stored = torch.frombuffer(raw, dtype=self.dtype)
-        if self.device.type != "cpu":
+        if self.device != "cpu":
             stored = stored.pin_memory().to(self.device, non_blocking=True)  # the copy overlaps compute
         return stored
 
@@ -442,7 +443,7 @@ class _TorchBackend:
         return out.cpu().view(torch.uint8).numpy(), stats
 
 
-def dare_uniforms(key: int, n: int, device: torch.device, start: int = 0) -> torch.Tensor:
+def dare_uniforms(key: int, n: int, device: str, start: int = 0) -> "torch.Tensor":
     """float32 uniforms in [0, 1) of elements start..start+n of a DARE mask: mpexec.kernels' hash."""
     mask = 0xFFFFFFFF
     x = (torch.arange(start, start + n, dtype=torch.int64, device=device) * 0x9E3779B9 + (key & mask)) & mask

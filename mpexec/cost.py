@@ -9,13 +9,13 @@ import time
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from mpstore.codecs import encode
 from mpstore.dtypes import dtype_named
 from mpstore.durable import write_atomic
 from mpstore.errors import CorruptionError
 
+from .lazy_torch import torch
 from .execute import _numel, block_marks, estimate_reads
 from .plan import MergePlan
 

@@ -21,17 +21,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence
 
-import torch
 
 from mpstore.codecs import Codec
 from mpstore.errors import ConflictError
 from mpstore.manifest_log import Commit
 from mpstore.snapshot import FileEntry, Manifest, Segment, TensorEntry
-from mpstore.torch_dtypes import TORCH_DTYPES, to_torch
 from mpstore.writer import BlockSink, process_block, store_literal
 from mpstore.dtypes import dtype_named
 from mpstore.safetensors_io import build_prefix, index_json, plan_shards, shard_names
 
+from .lazy_torch import torch
 from . import blockmerge
 from .methods import TASK_ARITHMETIC_FAMILY, MergeError, QueryError, identity_on_equal_inputs, merge_tensor
 from .plan import MergePlan, TensorPlan
@@ -96,14 +95,17 @@ class MergeResult:
         }
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise QueryError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    if device not in ("cpu", "cuda"):
+def resolve_device(device: str) -> str:
+    """The device's name, "cpu" or "cuda": torch takes names wherever it takes devices, and the CPU
+    needs no torch here."""
+    if device not in ("cpu", "cuda", "auto"):
         raise QueryError(f"--device {device!r}: use cpu, cuda or auto")
-    return torch.device(device)
+    if device == "cpu":
+        return "cpu"
+    available = torch.cuda.is_available()
+    if device == "cuda" and not available:
+        raise QueryError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    return "cuda" if available else "cpu"
 
 
 def reuse_freed_memory() -> None:
@@ -120,6 +122,28 @@ def reuse_freed_memory() -> None:
     libc.mallopt(m_mmap_threshold, 256 << 20)
     libc.mallopt(m_trim_threshold, 512 << 20)
     libc.mallopt(m_top_pad, 64 << 20)
+
+
+class _TorchThreads:
+    """During a merge torch computes on one thread: worker threads decode, merge and encode, and torch's
+    own would only compete with them (and busy-wait between operations, a quarter of the CPU). Set
+    when a merge first computes with torch; merges that never do leave torch unimported."""
+
+    def __init__(self) -> None:
+        self.saved: int | None = None
+
+    def limit(self) -> None:
+        if self.saved is None:
+            self.saved = torch.get_num_threads()
+            torch.set_num_threads(1)
+
+    def restore(self) -> None:
+        if self.saved is not None:
+            torch.set_num_threads(self.saved)
+            self.saved = None
+
+
+_TORCH_THREADS = _TorchThreads()
 
 
 def tensor_seed(seed: int, tensor: str) -> int:
@@ -299,17 +323,13 @@ def execute_plan(
         raise ConflictError(f"ref {name!r} already exists (points to {old.hex()[:12]}); use --force to move it")
     dev = resolve_device(device)
     reuse_freed_memory()
-    # Worker threads decode, merge and encode: torch's own worker threads would only compete with
-    # them (and busy-wait between operations, a quarter of the CPU).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     collecting = gc.isenabled()
     gc.disable()  # a merge makes many short-lived containers and no cycles: no collector pauses
     try:
         with store.writing().held():  # the store's gc waits until this merge is committed
             return _execute(store, plan, name, old, seed, dev, shard_bytes, progress, started)
     finally:
-        torch.set_num_threads(threads)
+        _TORCH_THREADS.restore()
         if collecting:
             gc.enable()
 
@@ -471,7 +491,7 @@ def _execute(
     name: str | None,
     old: bytes | None,
     seed: int,
-    dev: torch.device,
+    dev: str,
     shard_bytes: int,
     progress: Callable[[str], None] | None,
     started: float,
@@ -486,7 +506,7 @@ def _execute(
     ]
     paths = shard_names(len(shards))
     jobs = [_job(store, plan, tp, manifests, base_manifest) for shard in shards for tp in shard]
-    if dev.type == "cpu" and any(job.mode == "blocks" for job in jobs):
+    if dev == "cpu" and any(job.mode == "blocks" for job in jobs):
         # loading the compiled kernels takes ~0.3 s: overlap it with the first reads
         threading.Thread(target=blockmerge.load_kernels, name="mpexec-kernels", daemon=True).start()
     sink = BlockSink(store)
@@ -583,7 +603,7 @@ def _merge_one(
     compute_pool: ThreadPoolExecutor,
     sink: BlockSink,
     seed: int,
-    dev: torch.device,
+    dev: str,
     result: MergeResult,
 ) -> TensorEntry:
     """Merge one output tensor from the blocks its job read (a stream reads as it goes); write its blocks
@@ -596,7 +616,6 @@ def _merge_one(
             tp.name, tp.out_dtype, tp.shape, source.blocks, _zero_stats(source) if same_as_base else None
         )
     writer = _OutputWriter(store, pool, sink, tp, base_entry, reader, result)
-    out_dtype = TORCH_DTYPES[tp.out_dtype]
     if job.mode == "blocks":
         if job.reads_ahead:
             load = lambda positions: cache  # noqa: E731 -- held whole: read ahead
@@ -621,7 +640,12 @@ def _merge_one(
                 writer.keep(job.layout.base_blocks[j])
             else:
                 writer.write_block(block, stats, base_raw)
-    elif job.mode == "stream":
+        return writer.finish()
+    from mpstore.torch_dtypes import TORCH_DTYPES, to_torch
+
+    _TORCH_THREADS.limit()
+    out_dtype = TORCH_DTYPES[tp.out_dtype]
+    if job.mode == "stream":
         cols = tp.shape[-1]
         compute = TORCH_DTYPES[tp.compute_dtype]
         rows = _RowReader(store, tp, entries, reader, result, compute, dev, cols, job.dropped)
@@ -808,6 +832,8 @@ class _RowReader:
         if self.reader.dry:
             return []
         tensors = []
+        from mpstore.torch_dtypes import to_torch
+
         for e, blocks, (i0, _), per in zip(self.entries, ids, spans, self.per_block):
             width = dtype_named(e.dtype).bits // 8
             raw = b"".join(cache[x] for x in blocks)[(e0 - i0 * per) * width : (e1 - i0 * per) * width]

@@ -56,9 +56,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 
 from mpstore.errors import MpstoreError
+
+from .lazy_torch import torch
 
 __all__ = [
     "METHODS",
@@ -546,7 +547,7 @@ def _della_(
 # A kernel gets the tensors (one dtype, one shape), the base index (None when there is no base or the
 # method ignores it), the shared parameters, the per-input parameters and the generator.
 
-Kernel = Callable[[list, "int | None", dict, list, "torch.Generator | None"], torch.Tensor]
+Kernel = Callable[[list, "int | None", dict, list, "torch.Generator | None"], "torch.Tensor"]
 
 
 def _sign_consensus(deltas: torch.Tensor) -> torch.Tensor:

@@ -23,11 +23,11 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import torch
 
+from .lazy_torch import torch
 from .methods import TASK_ARITHMETIC_FAMILY, _bernoulli_, _della_, combine_deltas, merge_tensor
 
-ChunkReader = Callable[[int, int], list[torch.Tensor]]  # rows [r0, r1) of every input, [r1 - r0, cols]
+ChunkReader = Callable[[int, int], "list[torch.Tensor]"]  # rows [r0, r1) of every input, [r1 - r0, cols]
 HIGH_BINS = 1 << 16
 
 

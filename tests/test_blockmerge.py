@@ -3,6 +3,9 @@ tensors, unchanged positions against the base, and results that do not depend on
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -71,7 +74,7 @@ def test_kernel_combine_equals_torch_combine(dtype, consensus, normalize):
     args = (base, experts, [0.5, -0.3, 0.9], prunings, [40, 0, 0], [11, 22, 33], consensus)
     shared = {"normalize": normalize, "lambda": 0.8}
     ours, our_stats = _KernelBackend(name).combine(*args, shared, 0.25)
-    theirs, their_stats = _TorchBackend(name, torch.device("cpu")).combine(*args, shared, 0.25)
+    theirs, their_stats = _TorchBackend(name, "cpu").combine(*args, shared, 0.25)
     assert _ulps(ours, theirs, dtype) == 0
     assert our_stats[2] == their_stats[2] > 0
     assert our_stats[0] == pytest.approx(their_stats[0], rel=1e-9)
@@ -81,7 +84,7 @@ def test_kernel_combine_equals_torch_combine(dtype, consensus, normalize):
 def test_kernel_statistics_equal_torch_statistics():
     base, experts = _blocks(torch.bfloat16, 20_000, 2)
     blocks = [(e, base) for e in experts]
-    cpu, ref = _KernelBackend("BF16"), _TorchBackend("BF16", torch.device("cpu"))
+    cpu, ref = _KernelBackend("BF16"), _TorchBackend("BF16", "cpu")
     high = cpu.counts(blocks, 0, 0)
     assert np.array_equal(high, ref.counts(blocks, 0, 0)) and high.sum() == 40_000
     b = int(np.flatnonzero(high)[-1])
@@ -95,13 +98,13 @@ def test_kernel_statistics_equal_torch_statistics():
 def test_dare_uniforms_are_the_kernels_hash_and_look_uniform():
     key = 0x0123456789ABCDEF
     ours = np.array([kernels._uniform(np.uint64(key), i) for i in range(1000)], np.float32)
-    assert np.array_equal(ours, dare_uniforms(key, 1000, torch.device("cpu")).numpy())
-    many = dare_uniforms(key, 1 << 20, torch.device("cpu"))
+    assert np.array_equal(ours, dare_uniforms(key, 1000, "cpu").numpy())
+    many = dare_uniforms(key, 1 << 20, "cpu")
     assert 0 <= float(many.min()) and float(many.max()) < 1
     assert abs(float(many.mean()) - 0.5) < 0.002
     counts = torch.histc(many, bins=16, min=0, max=1)
     assert float(counts.min()) > 0.97 * (1 << 16)  # every sixteenth gets its share
-    other = dare_uniforms(key + 1, 1 << 20, torch.device("cpu"))
+    other = dare_uniforms(key + 1, 1 << 20, "cpu")
     assert abs(float(torch.corrcoef(torch.stack([many, other]))[0, 1])) < 0.01
 
 
@@ -170,3 +173,28 @@ def test_seed_moves_dare_masks_and_nothing_else(merge_store):
         c = dict(s.tensors(run_merge(s, plan, name="s0-again", seed=0).id))
     assert all(torch.equal(a[n], c[n]) for n in a)
     assert any(not torch.equal(a[n], b[n]) for n in a)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_cuda_merge_equals_cpu_merge(merge_store, method):
+    with Store.open(merge_store) as s:
+        plan = plan_merge(s, _query(method))
+        cpu = dict(s.tensors(run_merge(s, plan, name="on-cpu", device="cpu").id))
+        gpu = dict(s.tensors(run_merge(s, plan, name="on-gpu", device="cuda").id))
+    for name in cpu:
+        assert (cpu[name].view(torch.int16).int() - gpu[name].view(torch.int16).int()).abs().max() <= 1, name
+
+
+def test_a_cpu_merge_of_the_task_arithmetic_family_does_not_import_torch(merge_store):
+    """Importing torch costs ~1.3 s of every merge; the kernels do without it."""
+    code = (
+        "import sys\n"
+        "from mpstore import Store\n"
+        "from mpexec.merge import plan_merge, run_merge\n"
+        f"with Store.open({str(merge_store)!r}) as s:\n"
+        f"    run_merge(s, plan_merge(s, {_query('ties')!r}), name='no-torch')\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
