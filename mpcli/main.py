@@ -512,7 +512,8 @@ def log(ctx: Context, ref: str | None, as_json: bool, dot: bool) -> None:
     type=click.Choice(["cpu", "cuda", "auto"]),
     default="cpu",
     show_default=True,
-    help="Where the arithmetic runs.",
+    help="Where the arithmetic runs: cpu (task arithmetic, ties and dare by fused kernels), cuda (torch, "
+    "blocks copied through pinned memory; same results within float32 rounding), auto (cuda if present).",
 )
 @click.option("--shard-size", default="5GB", show_default=True, help="Largest safetensors shard of the output.")
 @click.option(
