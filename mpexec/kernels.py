@@ -25,6 +25,23 @@ def _widen(words, shift, out_bits):
         out_bits[i] = np.uint32(words[i]) << shift
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def _scratch():
+    """Per-call tile buffers: expert and base words widened to float32 bits, and |expert - base|."""
+    return np.empty(TILE, np.uint32), np.empty(TILE, np.uint32), np.empty(TILE, np.float32)
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _magnitudes(expert, base, sh, e_bits, b_bits, mag):
+    """|expert - base| of a tile of words, in float32, into `mag`."""
+    _widen(expert, sh, e_bits)
+    _widen(base, sh, b_bits)
+    e_val = e_bits.view(np.float32)
+    b_val = b_bits.view(np.float32)
+    for i in range(expert.shape[0]):
+        mag[i] = abs(e_val[i] - b_val[i])
+
+
 _LOW32 = np.uint64(0xFFFFFFFF)
 
 
@@ -50,20 +67,13 @@ def magnitude_counts(expert, base, shift, level, bin_, counts):
     them over axis 0): of the high 16 bits (level 0), or of the low 16 bits of those whose high bits
     are `bin_` (level 1)."""
     n = base.shape[0]
-    e_bits = np.empty(TILE, np.uint32)
-    b_bits = np.empty(TILE, np.uint32)
-    e_val = e_bits.view(np.float32)
-    b_val = b_bits.view(np.float32)
-    mag = np.empty(TILE, np.float32)
+    e_bits, b_bits, mag = _scratch()
     mag_bits = mag.view(np.uint32)
     sh = np.uint32(shift)
     for start in range(0, n, TILE):
         stop = min(n, start + TILE)
         t = stop - start
-        _widen(expert[start:stop], sh, e_bits)
-        _widen(base[start:stop], sh, b_bits)
-        for i in range(t):
-            mag[i] = abs(e_val[i] - b_val[i])
+        _magnitudes(expert[start:stop], base[start:stop], sh, e_bits, b_bits, mag)
         if level == 0:
             for i in range(0, t - 3, 4):
                 counts[0, mag_bits[i] >> 16] += 1
@@ -83,20 +93,13 @@ def magnitude_counts(expert, base, shift, level, bin_, counts):
 def count_equal(expert, base, shift, cut):
     """How many |expert - base| (float32 bits) equal `cut`."""
     n = base.shape[0]
-    e_bits = np.empty(TILE, np.uint32)
-    b_bits = np.empty(TILE, np.uint32)
-    e_val = e_bits.view(np.float32)
-    b_val = b_bits.view(np.float32)
-    mag = np.empty(TILE, np.float32)
+    e_bits, b_bits, mag = _scratch()
     mag_bits = mag.view(np.uint32)
     total = 0
     sh = np.uint32(shift)
     for start in range(0, n, TILE):
         stop = min(n, start + TILE)
-        _widen(expert[start:stop], sh, e_bits)
-        _widen(base[start:stop], sh, b_bits)
-        for i in range(stop - start):
-            mag[i] = abs(e_val[i] - b_val[i])
+        _magnitudes(expert[start:stop], base[start:stop], sh, e_bits, b_bits, mag)
         for i in range(stop - start):
             total += mag_bits[i] == cut
     return total
@@ -107,12 +110,8 @@ def dare_sums(expert, base, shift, seed, prob):
     """(sum |delta|, sum |delta| over the elements DARE keeps), in float64: its L1 rescale. Sums run
     in 8 lanes (a fixed order, so the same on every run) that the compiler can vectorize."""
     n = base.shape[0]
-    e_bits = np.empty(TILE, np.uint32)
-    b_bits = np.empty(TILE, np.uint32)
-    e_val = e_bits.view(np.float32)
-    b_val = b_bits.view(np.float32)
-    mag = np.empty(TILE, np.float64)
-    kept = np.empty(TILE, np.float64)
+    e_bits, b_bits, mag = _scratch()
+    kept = np.empty(TILE, np.float32)
     lanes_before = np.zeros(8, np.float64)
     lanes_after = np.zeros(8, np.float64)
     p = np.float32(prob)
@@ -120,19 +119,16 @@ def dare_sums(expert, base, shift, seed, prob):
     for start in range(0, n, TILE):
         stop = min(n, start + TILE)
         t = stop - start
-        _widen(expert[start:stop], sh, e_bits)
-        _widen(base[start:stop], sh, b_bits)
+        _magnitudes(expert[start:stop], base[start:stop], sh, e_bits, b_bits, mag)
         for i in range(t):
-            mag[i] = abs(e_val[i] - b_val[i])
-        for i in range(t):
-            kept[i] = mag[i] if _uniform(seed, start + i) < p else 0.0
+            kept[i] = mag[i] if _uniform(seed, start + i) < p else np.float32(0)
         for i in range(0, t - t % 8, 8):
             for lane in range(8):
-                lanes_before[lane] += mag[i + lane]
-                lanes_after[lane] += kept[i + lane]
+                lanes_before[lane] += np.float64(mag[i + lane])
+                lanes_after[lane] += np.float64(kept[i + lane])
         for i in range(t - t % 8, t):
-            lanes_before[0] += mag[i]
-            lanes_after[0] += kept[i]
+            lanes_before[0] += np.float64(mag[i])
+            lanes_after[0] += np.float64(kept[i])
     before = 0.0
     after = 0.0
     for lane in range(8):
