@@ -22,8 +22,10 @@ merge, so memory stays flat whatever the tensor's size. The executor (mpexec.exe
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -365,15 +367,35 @@ class _KernelBackend:
         return memoryview(out).cast("B"), (float(stats[0]), float(stats[1]), int(stats[2]))
 
 
+def _on_worker_stream(method):
+    """Run a backend method on its worker thread's own CUDA stream: one thread's copies then overlap
+    another's arithmetic (on the default stream they would wait for each other). Each method ends by
+    bringing its result to the host, which waits for that stream only."""
+
+    @functools.wraps(method)
+    def on_stream(self, *args):
+        if self.device == "cpu":
+            return method(self, *args)
+        stream = getattr(self.local, "stream", None)
+        if stream is None:
+            stream = self.local.stream = torch.cuda.Stream(device=self.device)
+        with torch.cuda.stream(stream):
+            return method(self, *args)
+
+    return on_stream
+
+
 class _TorchBackend:
     """A GPU (or float16): the same arithmetic as mpexec.kernels in torch, blocks moved to the device
-    through pinned memory. Also run on the CPU by the tests, against the kernels."""
+    through pinned memory, each worker thread on its own stream. Also run on the CPU by the tests,
+    against the kernels."""
 
     def __init__(self, dtype: str, device: str):
         from mpstore.torch_dtypes import TORCH_DTYPES
 
         self.dtype, self.device = TORCH_DTYPES[dtype], device
         self.word = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[self.dtype]
+        self.local = threading.local()
 
     def _stored(self, raw: bytes) -> torch.Tensor:
         stored = torch.frombuffer(raw, dtype=self.dtype)
@@ -385,6 +407,7 @@ class _TorchBackend:
         """float32 bits of |expert - base| (non-negative: integer order is value order)."""
         return (self._stored(expert).float() - self._stored(base).float()).abs().view(torch.int32)
 
+    @_on_worker_stream
     def counts(self, blocks: list[tuple[bytes, bytes]], level: int, bin_: int) -> np.ndarray:
         total = torch.zeros(HIGH_BINS, dtype=torch.int64, device=self.device)
         for expert, base in blocks:
@@ -395,9 +418,11 @@ class _TorchBackend:
                 total += torch.bincount(bits[(bits >> 16) == bin_] & 0xFFFF, minlength=HIGH_BINS)
         return total.cpu().numpy()
 
+    @_on_worker_stream
     def equal(self, blocks: list[tuple[bytes, bytes]], cut: int) -> list[int]:
         return [int((self._magnitudes(e, b) == cut).sum()) for e, b in blocks]
 
+    @_on_worker_stream
     def dare_sums(self, blocks: list[tuple[bytes, bytes]], keys: list[int], prob: float) -> list[tuple[float, float]]:
         sums = []
         for (expert, base), key in zip(blocks, keys):
@@ -406,6 +431,7 @@ class _TorchBackend:
             sums.append((float(magnitudes.sum()), float((magnitudes * keep).sum())))
         return sums
 
+    @_on_worker_stream
     def combine(self, base, experts, weights, prunings, quotas, keys, consensus, shared, omitted):
         b = self._stored(base).float()
         deltas = torch.stack([self._stored(raw).float() for raw in experts]) - b
