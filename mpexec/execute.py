@@ -1,11 +1,15 @@
 """Execution: a MergePlan -> merged tensors written as blocks -> one committed snapshot with lineage.
 
-Tensors are merged one at a time, so memory is bounded by the largest tensor times the number of
-inputs, never by the model. Input blocks are read once: a block identical to the base's block at the
-same position is taken from the base (its delta is exactly zero) and blocks shared between inputs
-are read once. When every input of a delta-based method equals the base, the output is the base's
-blocks and nothing is read or computed. Output blocks go through mpstore.writer, XOR-coded against
-the base, so a merge close to its base stores little and an identical re-run writes nothing.
+Each output tensor becomes a job (_Job): passed through (an input's blocks, nothing read), merged
+block-wise (mpexec.blockmerge: task arithmetic, ties, DARE), merged whole (the methods' kernels), or
+streamed in chunks (mpexec.stream). The jobs run as a pipeline: a reader thread reads the next jobs'
+blocks ahead (bounded by PREFETCH_BYTES of decoded blocks, decoding in a small pool), this thread
+merges (block-wise jobs in a compute pool), and a writer pool hashes, XOR-codes and compresses the
+output blocks. Memory is bounded by those limits and by the size of a chunk or window, never by the
+model. Input blocks are read once: a block identical to the base's block at the same position is a
+zero delta, and blocks shared between inputs are read once. Output blocks go through mpstore.writer,
+XOR-coded against the base, so a merge close to its base stores little and an identical re-run
+writes nothing.
 """
 
 from __future__ import annotations
@@ -428,9 +432,9 @@ def _read_positions(job: _Job, positions: list[int], reader: _Reader, result: Me
 
 class _ReadAhead:
     """The reader stage: a thread that reads the jobs' blocks in plan order, ahead of the job being
-    merged, holding at most `limit` decoded bytes (always at least one job). A "stream" job reads as
-    it goes, in the merging thread: the reader waits for it to finish, so reads (and the I/O budget)
-    are counted in one order, whatever the timing."""
+    merged, holding at most `limit` decoded bytes (always at least one job). A job that reads as it
+    goes (streamed, or block-wise in windows) reads while it is merged: the reader waits for it to
+    finish, so reads (and the I/O budget) are counted in one order, whatever the timing."""
 
     def __init__(self, jobs: list[_Job], reader: _Reader, result: MergeResult, limit: int):
         self.jobs, self.reader, self.result, self.limit = jobs, reader, result, limit
