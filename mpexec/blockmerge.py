@@ -124,6 +124,7 @@ class _Pruning:
 
     cut: int = -1  # TIES: float32 bits of |delta| at the cut (-1: no trimming)
     k: int = 0  # TIES: elements to keep
+    above: int = 0  # TIES, between its passes: elements above the high 16 bits of the cut
     tied: int = 0  # TIES: elements equal to the cut still to keep, in element order
     prob: float = -1.0  # DARE: keep probability (-1: no random pruning)
     scale: float = 1.0  # DARE: the L1 rescale
@@ -221,12 +222,13 @@ def merge_blocks(
                     sums[k] += job.result()
         for k, hist in counts.items():
             p = prunings[k]
-            if step == 0:  # until the second pass: the high bits of the cut, and the count above their bin
-                b, above = _bin_of_rank(hist, p.k - 1)
-                p.cut, p.tied = b << 16, above
-            else:
-                lo, above = _bin_of_rank(hist, p.k - 1 - p.tied)
-                p.cut, p.tied = p.cut | lo, p.k - p.tied - above
+            if step == 0:  # the high 16 bits of the cut
+                high, p.above = _bin_of_rank(hist, p.k - 1)
+                p.cut = high << 16
+            else:  # the low 16 bits, ranked inside that bin
+                low, above_low = _bin_of_rank(hist, p.k - 1 - p.above)
+                p.cut |= low
+                p.tied = p.k - p.above - above_low
         for k, per_block in sums.items():  # exact sums: the same whatever the windows
             before, after = math.fsum(b for b, _ in per_block), math.fsum(a for _, a in per_block)
             prunings[k].scale = before / after if before >= 1e-7 and after >= 1e-7 else 1.0
@@ -426,7 +428,7 @@ class _TorchBackend:
     def dare_sums(self, blocks: list[tuple[bytes, bytes]], keys: list[int], prob: float) -> list[tuple[float, float]]:
         sums = []
         for (expert, base), key in zip(blocks, keys):
-            magnitudes = (self._stored(expert).float() - self._stored(base).float()).abs().double()
+            magnitudes = self._magnitudes(expert, base).view(torch.float32).double()
             keep = dare_uniforms(key, magnitudes.numel(), self.device) < prob
             sums.append((float(magnitudes.sum()), float((magnitudes * keep).sum())))
         return sums

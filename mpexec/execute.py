@@ -242,7 +242,7 @@ def _dropped(plan: MergePlan, tp: TensorPlan) -> dict[int, frozenset[int]]:
 def _read_inputs(
     reader: _Reader,
     result: MergeResult,
-    ranges: list[tuple[int, list[bytes]]],
+    ranges: list[list[tuple[int, bytes]]],
     base_index: int | None,
     base_blocks: Sequence[bytes],
     dropped: dict[int, frozenset[int]],
@@ -250,29 +250,19 @@ def _read_inputs(
 ) -> None:
     """Read the blocks of every input into `cache`, each distinct block once: the base's first, then
     the experts' blocks not in hand (the others counted as skipped, by reason). `ranges[k]` is input
-    k's first block position and its blocks from there."""
+    k's (block position, block) pairs to read."""
     if base_index is not None:
-        result.bytes_read_base += reader.read(ranges[base_index][1], cache)
+        result.bytes_read_base += reader.read([block for _, block in ranges[base_index]], cache)
     wanted: dict[bytes, None] = {}  # ordered set
-    for k, (start, blocks) in enumerate(ranges):
+    for k, pairs in enumerate(ranges):
         if k == base_index:
             continue
-        for i, block in enumerate(blocks, start=start):
+        for i, block in pairs:
             if block in cache or block in wanted:
                 result.blocks_skipped[_skip_reason(k, i, block, base_blocks, dropped)] += 1
             else:
                 wanted[block] = None
     result.bytes_read_experts += reader.read(list(wanted), cache)
-
-
-def _gather(
-    tp: TensorPlan, entries: list[TensorEntry], reader: _Reader, result: MergeResult, dropped
-) -> dict[bytes, bytes]:
-    """The raw bytes of every distinct block of the inputs, each read once (base first)."""
-    cache: dict[bytes, bytes] = {}
-    base_blocks = entries[tp.base_index].blocks if tp.base_index is not None else ()
-    _read_inputs(reader, result, [(0, list(e.blocks)) for e in entries], tp.base_index, base_blocks, dropped, cache)
-    return cache
 
 
 def _nbytes(tp: TensorPlan) -> int:
@@ -389,11 +379,11 @@ def _read_job(job: _Job, reader: _Reader, result: MergeResult) -> dict[bytes, by
         _count_passthrough(result, entries, job.passthrough, job.dropped)
     elif job.mode == "blocks":
         _skip_unchanged(job, result)
-        for positions in job.layout.windows:
-            cache = _read_positions(job, positions, reader, result)
+        if job.layout.windows:  # held whole: one window
+            cache = _read_positions(job, job.layout.windows[0], reader, result)
     else:
         base_blocks = entries[tp.base_index].blocks if tp.base_index is not None else ()
-        ranges = [(0, list(e.blocks)) for e in entries]
+        ranges = [list(enumerate(e.blocks)) for e in entries]
         _read_inputs(reader, result, ranges, tp.base_index, base_blocks, job.dropped, cache)
         if job.base_entry is not None:  # the writer XOR-codes against the base: read the blocks no input holds
             result.bytes_read_base += reader.read([b for b in job.base_entry.blocks if b not in cache], cache)
@@ -411,22 +401,11 @@ def _skip_unchanged(job: _Job, result: MergeResult) -> None:
 
 
 def _read_positions(job: _Job, positions: list[int], reader: _Reader, result: MergeResult) -> dict[bytes, bytes]:
-    """A block-wise job's reads at some positions: the base's blocks, then each distinct expert block
-    that differs from the base's; the other expert blocks are counted as skipped, by reason."""
-    entries, layout = job.entries, job.layout
+    """A block-wise job's reads at some positions (all with a change): the base's blocks, then each
+    distinct expert block that differs from them; the other expert blocks are counted as skipped."""
     cache: dict[bytes, bytes] = {}
-    result.bytes_read_base += reader.read(layout.reads(entries, positions)[0], cache)
-    wanted: dict[bytes, None] = {}  # ordered set
-    for j in positions:
-        for k, entry in enumerate(entries):
-            if k == job.tp.base_index:
-                continue
-            block = entry.blocks[j]
-            if k in layout.changed[j] and block not in cache and block not in wanted:
-                wanted[block] = None
-            else:
-                result.blocks_skipped[_skip_reason(k, j, block, layout.base_blocks, job.dropped)] += 1
-    result.bytes_read_experts += reader.read(list(wanted), cache)
+    ranges = [[(j, entry.blocks[j]) for j in positions] for entry in job.entries]
+    _read_inputs(reader, result, ranges, job.tp.base_index, job.layout.base_blocks, job.dropped, cache)
     return cache
 
 
@@ -830,7 +809,7 @@ class _RowReader:
         b = self.tp.base_index
         cache = dict(self.cache)
         base_ids = self.entries[b].blocks if b is not None else ()
-        ranges = [(i0, blocks) for (i0, _), blocks in zip(spans, ids)]
+        ranges = [list(enumerate(blocks, start=i0)) for (i0, _), blocks in zip(spans, ids)]
         _read_inputs(self.reader, self.result, ranges, b, base_ids, self.dropped, cache)
         self.cache = {x: cache[x] for blocks in ids for x in blocks}
         if self.reader.dry:
