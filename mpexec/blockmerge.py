@@ -8,8 +8,11 @@ the experts whose block differs are read, and each position is merged in one pas
 Statistics over the whole tensor are exact and come first:
 * TIES keeps the max(1, int(density * numel)) largest |delta| of each expert. The cut is found by a
   radix select on the float32 bits of |delta| (a histogram of the high 16 bits, then of the low 16
-  inside the bin of the cut); elements at unchanged positions are zeros and rank last. Of the
-  magnitudes equal to the cut, the first ones in element order are kept, as many as the count allows.
+  inside the bin of the cut); elements at unchanged positions are zeros and rank last. A delta of
+  bfloat16 weights rarely needs more than 8 significant bits, so the cut's bin usually holds one value
+  and magnitudes above it: the first histogram counts those, and a held tensor then needs no second
+  pass. Of the magnitudes equal to the cut, the first ones in element order are kept, as many as the
+  count allows.
 * DARE keeps each element with probability density, from a hash of (seed, tensor, input, position)
   and the element's index, so masks depend on nothing else (not on chunking, threads or device); its
   L1 rescale divides sum |delta| by the sum over the kept elements, over the whole tensor.
@@ -197,26 +200,33 @@ def merge_blocks(
                     ahead = reader.submit(load, layout.windows[i + 1])
                 yield positions, raw
 
-    # statistics: TIES's cut (two histograms), DARE's rescale (sums); one job per expert and window
-    for step in range(max((p.passes for p in prunings.values()), default=0)):
+    # statistics: TIES's cut (one or two histograms), DARE's rescale (sums); one job per expert and window
+    step = 0
+    while any(step < p.passes for p in prunings.values()):
         counts = {k: np.zeros(HIGH_BINS, np.int64) for k, p in prunings.items() if p.k and step < p.passes}
+        inexact = {k: np.zeros(HIGH_BINS, np.int64) for k in counts}
         sums: dict[int, list] = {k: [] for k, p in prunings.items() if p.prob >= 0 and step < p.passes}
         for positions, raw in windows():
             jobs = []
             for k in sorted(set(counts) | set(sums)):
-                blocks = [
-                    (raw[entries[k].blocks[j]], raw[layout.base_blocks[j]]) for j in positions if k in layout.changed[j]
-                ]
+                mine = [j for j in positions if k in layout.changed[j]]
+                blocks = [(raw[entries[k].blocks[j]], raw[layout.base_blocks[j]]) for j in mine]
                 if not blocks:
                     continue
                 p = prunings[k]
-                if k in counts:
-                    jobs.append((k, pool.submit(backend.counts, blocks, step, p.cut >> 16)))
+                if k in counts and step == 0:
+                    jobs.append((k, mine, pool.submit(backend.high_counts, blocks)))
+                elif k in counts:
+                    jobs.append((k, mine, pool.submit(backend.low_counts, blocks, p.cut >> 16)))
                 else:
-                    seeds = [keys[(k, j)] for j in positions if k in layout.changed[j]]
-                    jobs.append((k, pool.submit(backend.dare_sums, blocks, seeds, p.prob)))
-            for k, job in jobs:
-                if k in counts:
+                    seeds = [keys[(k, j)] for j in mine]
+                    jobs.append((k, mine, pool.submit(backend.dare_sums, blocks, seeds, p.prob)))
+            for k, mine, job in jobs:
+                if k in counts and step == 0:
+                    high, inexact_high = job.result()
+                    counts[k] += high
+                    inexact[k] += inexact_high
+                elif k in counts:
                     counts[k] += job.result()
                 else:
                     sums[k] += job.result()
@@ -225,6 +235,9 @@ def merge_blocks(
             if step == 0:  # the high 16 bits of the cut
                 high, p.above = _bin_of_rank(hist, p.k - 1)
                 p.cut = high << 16
+                wanted = p.k - p.above  # from this bin, whose inexact magnitudes all exceed its exact one
+                if held is not None and wanted > inexact[k][high]:  # the cut is the bin's exact value
+                    p.tied, p.passes = wanted - int(inexact[k][high]), 1
             else:  # the low 16 bits, ranked inside that bin
                 low, above_low = _bin_of_rank(hist, p.k - 1 - p.above)
                 p.cut |= low
@@ -232,6 +245,7 @@ def merge_blocks(
         for k, per_block in sums.items():  # exact sums: the same whatever the windows
             before, after = math.fsum(b for b, _ in per_block), math.fsum(a for _, a in per_block)
             prunings[k].scale = before / after if before >= 1e-7 and after >= 1e-7 else 1.0
+        step += 1
 
     # the merge, window by window, positions in parallel
     weights = {k: p["weight"] for k, p in enumerate(per_input) if k != base_index}
@@ -320,16 +334,22 @@ class _KernelBackend:
     def _words(self, raw: bytes) -> np.ndarray:
         return np.frombuffer(raw, self.word)
 
-    def counts(self, blocks: list[tuple[bytes, bytes]], level: int, bin_: int) -> np.ndarray:
-        """Histogram of the high 16 bits of |expert - base| over (expert, base) blocks (level 0), or of
-        the low 16 bits inside bin `bin_` (level 1)."""
-        # level 0: |delta| has no sign bit, so its high 16 bits are below 2**15
-        counts = np.zeros((4, HIGH_BINS // 2 if level == 0 else HIGH_BINS), np.int64)
+    def high_counts(self, blocks: list[tuple[bytes, bytes]]) -> tuple[np.ndarray, np.ndarray]:
+        """Over (expert, base) blocks: histogram of the high 16 bits of |expert - base| as float32 bits,
+        and per bin, how many of those have low 16 bits that are not zero."""
+        # |delta| has no sign bit, so its high 16 bits are below 2**15; a window's counts fit in int32
+        counts = np.zeros((4, HIGH_BINS // 2), np.int32)
+        inexact = np.zeros(HIGH_BINS // 2, np.int32)
         for expert, base in blocks:
-            self.kernels.magnitude_counts(self._words(expert), self._words(base), self.shift, level, bin_, counts)
-        total = np.zeros(HIGH_BINS, np.int64)
-        total[: counts.shape[1]] = counts.sum(axis=0)
-        return total
+            self.kernels.high_counts(self._words(expert), self._words(base), self.shift, counts, inexact)
+        return _padded(counts.sum(axis=0)), _padded(inexact)
+
+    def low_counts(self, blocks: list[tuple[bytes, bytes]], bin_: int) -> np.ndarray:
+        """Histogram of the low 16 bits of the |expert - base| whose high 16 bits are `bin_`."""
+        counts = np.zeros((4, HIGH_BINS), np.int32)
+        for expert, base in blocks:
+            self.kernels.low_counts(self._words(expert), self._words(base), self.shift, bin_, counts)
+        return counts.sum(axis=0, dtype=np.int64)
 
     def equal(self, blocks: list[tuple[bytes, bytes]], cut: int) -> list[int]:
         """Per (expert, base) block, how many |expert - base| equal the cut."""
@@ -367,6 +387,13 @@ class _KernelBackend:
             stats,
         )
         return memoryview(out).cast("B"), (float(stats[0]), float(stats[1]), int(stats[2]))
+
+
+def _padded(counts: np.ndarray) -> np.ndarray:
+    """Counts over the high bins a magnitude can have, as int64 over all HIGH_BINS."""
+    total = np.zeros(HIGH_BINS, np.int64)
+    total[: len(counts)] = counts
+    return total
 
 
 def _on_worker_stream(method):
@@ -410,14 +437,21 @@ class _TorchBackend:
         return (self._stored(expert).float() - self._stored(base).float()).abs().view(torch.int32)
 
     @_on_worker_stream
-    def counts(self, blocks: list[tuple[bytes, bytes]], level: int, bin_: int) -> np.ndarray:
+    def high_counts(self, blocks: list[tuple[bytes, bytes]]) -> tuple[np.ndarray, np.ndarray]:
+        total = torch.zeros(HIGH_BINS, dtype=torch.int64, device=self.device)
+        inexact = torch.zeros(HIGH_BINS, dtype=torch.int64, device=self.device)
+        for expert, base in blocks:
+            bits = self._magnitudes(expert, base)
+            total += torch.bincount(bits >> 16, minlength=HIGH_BINS)
+            inexact += torch.bincount(bits[(bits & 0xFFFF) != 0] >> 16, minlength=HIGH_BINS)
+        return total.cpu().numpy(), inexact.cpu().numpy()
+
+    @_on_worker_stream
+    def low_counts(self, blocks: list[tuple[bytes, bytes]], bin_: int) -> np.ndarray:
         total = torch.zeros(HIGH_BINS, dtype=torch.int64, device=self.device)
         for expert, base in blocks:
             bits = self._magnitudes(expert, base)
-            if level == 0:
-                total += torch.bincount(bits >> 16, minlength=HIGH_BINS)
-            else:
-                total += torch.bincount(bits[(bits >> 16) == bin_] & 0xFFFF, minlength=HIGH_BINS)
+            total += torch.bincount(bits[(bits >> 16) == bin_] & 0xFFFF, minlength=HIGH_BINS)
         return total.cpu().numpy()
 
     @_on_worker_stream

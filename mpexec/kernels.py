@@ -61,11 +61,11 @@ def _uniform(key, index):
 
 
 @numba.njit(nogil=True, cache=True)
-def magnitude_counts(expert, base, shift, level, bin_, counts):
-    """Histogram of |expert - base| as float32 bits, added to `counts` ([4, 65536]: four interleaved
-    histograms, so runs of equal values, common in bfloat16 deltas, do not wait on one counter; sum
-    them over axis 0): of the high 16 bits (level 0), or of the low 16 bits of those whose high bits
-    are `bin_` (level 1)."""
+def high_counts(expert, base, shift, counts, inexact):
+    """Histogram of the high 16 bits of |expert - base| as float32 bits, added to `counts` ([4, bins]:
+    four interleaved histograms, so runs of equal values, common in bfloat16 deltas, do not wait on
+    one counter; sum them over axis 0). `inexact` counts, per bin, the magnitudes whose low 16 bits
+    are not zero: a bin without any holds a single value, so its rank needs no second pass."""
     n = base.shape[0]
     e_bits, b_bits, mag = _scratch()
     mag_bits = mag.view(np.uint32)
@@ -74,19 +74,33 @@ def magnitude_counts(expert, base, shift, level, bin_, counts):
         stop = min(n, start + TILE)
         t = stop - start
         _magnitudes(expert[start:stop], base[start:stop], sh, e_bits, b_bits, mag)
-        if level == 0:
-            for i in range(0, t - 3, 4):
-                counts[0, mag_bits[i] >> 16] += 1
-                counts[1, mag_bits[i + 1] >> 16] += 1
-                counts[2, mag_bits[i + 2] >> 16] += 1
-                counts[3, mag_bits[i + 3] >> 16] += 1
-            for i in range(t - t % 4, t):
-                counts[0, mag_bits[i] >> 16] += 1
-        else:
-            for i in range(t):
-                bits = mag_bits[i]
-                if (bits >> 16) == bin_:
-                    counts[i & 3, bits & 0xFFFF] += 1
+        for i in range(0, t - 3, 4):
+            counts[0, mag_bits[i] >> 16] += 1
+            counts[1, mag_bits[i + 1] >> 16] += 1
+            counts[2, mag_bits[i + 2] >> 16] += 1
+            counts[3, mag_bits[i + 3] >> 16] += 1
+        for i in range(t - t % 4, t):
+            counts[0, mag_bits[i] >> 16] += 1
+        for i in range(t):  # rare for bfloat16: a delta rarely needs more than its operands' 8 bits
+            if mag_bits[i] & 0xFFFF:
+                inexact[mag_bits[i] >> 16] += 1
+
+
+@numba.njit(nogil=True, cache=True)
+def low_counts(expert, base, shift, bin_, counts):
+    """Histogram of the low 16 bits of the |expert - base| (float32 bits) whose high 16 bits are
+    `bin_`, added to `counts` ([4, 65536], interleaved as in high_counts)."""
+    n = base.shape[0]
+    e_bits, b_bits, mag = _scratch()
+    mag_bits = mag.view(np.uint32)
+    sh = np.uint32(shift)
+    for start in range(0, n, TILE):
+        stop = min(n, start + TILE)
+        _magnitudes(expert[start:stop], base[start:stop], sh, e_bits, b_bits, mag)
+        for i in range(stop - start):
+            bits = mag_bits[i]
+            if (bits >> 16) == bin_:
+                counts[i & 3, bits & 0xFFFF] += 1
 
 
 @numba.njit(nogil=True, cache=True)
@@ -204,7 +218,15 @@ def combine(
                 cut = np.uint32(cuts[k])
                 for i in range(t):
                     mag[i] = abs(row[i])
-                if taken[k] < quotas[k]:  # some magnitudes equal to the cut are still to keep: in order
+                ties = 0
+                if taken[k] < quotas[k]:
+                    for i in range(t):
+                        ties += mag_bits[i] == cut
+                if ties and taken[k] + ties <= quotas[k]:  # every magnitude equal to the cut here is kept
+                    taken[k] += ties
+                    for i in range(t):
+                        row[i] = row[i] if mag_bits[i] >= cut else zero
+                elif ties:  # the quota runs out in this tile: keep the first ones, in element order
                     for i in range(t):
                         bits = mag_bits[i]
                         if bits == cut and taken[k] < quotas[k]:
@@ -278,7 +300,8 @@ def warm_up() -> None:
     for word, shift in ((np.uint16, 16), (np.uint32, 0)):
         base = np.frombuffer(bytes(32), word)  # read-only, as blocks decoded into bytes are
         experts = np.zeros((1, base.shape[0]), word)
-        magnitude_counts(base, base, shift, 0, 0, np.zeros((4, 1 << 16), np.int64))
+        high_counts(base, base, shift, np.zeros((4, 1 << 15), np.int32), np.zeros(1 << 15, np.int32))
+        low_counts(base, base, shift, 0, np.zeros((4, 1 << 16), np.int32))
         count_equal(base, base, shift, 0)
         dare_sums(base, base, shift, np.uint64(1), 0.5)
         ones = np.ones(1)

@@ -55,23 +55,29 @@ def _ulps(a, b, dtype: torch.dtype) -> int:
     return int((x - y).abs().max())
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("consensus", [False, True])
-@pytest.mark.parametrize("normalize", [False, True])
-def test_kernel_combine_equals_torch_combine(dtype, consensus, normalize):
-    name = "BF16" if dtype == torch.bfloat16 else "F32"
-    base, experts = _blocks(dtype, 10_000, 3)
+def _combine_args(dtype: torch.dtype, n: int, tied_fraction: float, consensus: bool):
+    """combine's arguments for 3 experts: TIES with a share of the ties at its cut to keep in element
+    order, DARE with a rescale, and one kept whole."""
+    base, experts = _blocks(dtype, n, 3)
     magnitudes = (
         torch.frombuffer(bytearray(experts[0]), dtype=dtype).float()
         - torch.frombuffer(bytearray(base), dtype=dtype).float()
     ).abs()
-    cut = int(magnitudes.median().view(torch.int32))
-    prunings = [
-        _Pruning(cut=cut),  # TIES with ties at the cut to keep in order
-        _Pruning(prob=0.5, scale=1.7),  # DARE with a rescale
-        _Pruning(),
-    ]
-    args = (base, experts, [0.5, -0.3, 0.9], prunings, [40, 0, 0], [11, 22, 33], consensus)
+    cut = magnitudes.median()
+    ties = int((magnitudes == cut).sum())
+    assert ties > 100 or dtype == torch.float32  # bfloat16 deltas: many equal magnitudes
+    prunings = [_Pruning(cut=int(cut.view(torch.int32))), _Pruning(prob=0.5, scale=1.7), _Pruning()]
+    quotas = [int(ties * tied_fraction), 0, 0]
+    return (base, experts, [0.5, -0.3, 0.9], prunings, quotas, [11, 22, 33], consensus)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("consensus", [False, True])
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("tied_fraction", [0.01, 0.6])  # the quota runs out in the first tile, or later
+def test_kernel_combine_equals_torch_combine(dtype, consensus, normalize, tied_fraction):
+    name = "BF16" if dtype == torch.bfloat16 else "F32"
+    args = _combine_args(dtype, 10_000, tied_fraction, consensus)
     shared = {"normalize": normalize, "lambda": 0.8}
     ours, our_stats = _KernelBackend(name).combine(*args, shared, 0.25)
     theirs, their_stats = _TorchBackend(name, "cpu").combine(*args, shared, 0.25)
@@ -85,10 +91,14 @@ def test_kernel_statistics_equal_torch_statistics():
     base, experts = _blocks(torch.bfloat16, 20_000, 2)
     blocks = [(e, base) for e in experts]
     cpu, ref = _KernelBackend("BF16"), _TorchBackend("BF16", "cpu")
-    high = cpu.counts(blocks, 0, 0)
-    assert np.array_equal(high, ref.counts(blocks, 0, 0)) and high.sum() == 40_000
-    b = int(np.flatnonzero(high)[-1])
-    assert np.array_equal(cpu.counts(blocks, 1, b), ref.counts(blocks, 1, b))
+    high, inexact = cpu.high_counts(blocks)
+    ref_high, ref_inexact = ref.high_counts(blocks)
+    assert np.array_equal(high, ref_high) and high.sum() == 40_000
+    assert np.array_equal(inexact, ref_inexact) and 0 < inexact.sum() < 40_000
+    b = int(np.flatnonzero(inexact)[-1])
+    low = cpu.low_counts(blocks, b)
+    assert np.array_equal(low, ref.low_counts(blocks, b)) and low.sum() == high[b]
+    assert low[1:].sum() == inexact[b]  # inexact: the low 16 bits are not zero
     assert cpu.equal(blocks, b << 16) == ref.equal(blocks, b << 16)
     ours, theirs = cpu.dare_sums(blocks, [5, 6], 0.3), ref.dare_sums(blocks, [5, 6], 0.3)
     assert np.allclose(ours, theirs, rtol=1e-12)
