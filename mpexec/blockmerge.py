@@ -315,6 +315,13 @@ def load_kernels() -> None:
     kernels.warm_up()
 
 
+def ungroup_xor(planes: np.ndarray, ref: np.ndarray, out: np.ndarray) -> None:
+    """mpexec.kernels.ungroup_xor, imported on first use: the executor's readers decode with it."""
+    from . import kernels
+
+    kernels.ungroup_xor(planes, ref, out)
+
+
 def _backend(dtype: str, device: str):
     if device == "cpu" and dtype in KERNEL_DTYPES:
         return _KernelBackend(dtype)
@@ -331,8 +338,10 @@ class _KernelBackend:
         self.word = np.uint16 if dtype == "BF16" else np.uint32
         self.shift = 16 if dtype == "BF16" else 0
 
-    def _words(self, raw: bytes) -> np.ndarray:
-        return np.frombuffer(raw, self.word)
+    def _words(self, raw: bytes | memoryview) -> np.ndarray:
+        words = np.frombuffer(raw, self.word)
+        words.flags.writeable = False  # one compiled signature whether the block came as bytes or not
+        return words
 
     def high_counts(self, blocks: list[tuple[bytes, bytes]]) -> tuple[np.ndarray, np.ndarray]:
         """Over (expert, base) blocks: histogram of the high 16 bits of |expert - base| as float32 bits,

@@ -170,8 +170,10 @@ class _Reader:
         result: MergeResult,
         dry: bool = False,
         limit: int | None = None,
+        ungroup_xor=None,
     ):
         self.store, self.pool, self.result, self.dry = store, pool, result, dry
+        self.ungroup_xor = ungroup_xor  # a fused decoder of XOR-coded blocks (see codecs.decode)
         self.limit = limit  # a hard cap on the bytes this reader may take from the packs (--io-budget)
         self.total = 0
         self.raw_bytes = 0  # decoded bytes (dry runs only: what decoding will cost)
@@ -213,7 +215,7 @@ class _Reader:
 
             def one(block: bytes) -> bytes:
                 loc = locs[block]
-                return self.store.read_block(block, loc, ref_raw=cache.get(loc.ref))
+                return self.store.read_block(block, loc, cache.get(loc.ref), self.ungroup_xor)
 
             for block, raw in zip(group, list(self.pool.map(one, group))):
                 cache[block] = raw
@@ -489,7 +491,8 @@ def _execute(
     ]
     paths = shard_names(len(shards))
     jobs = [_job(store, plan, tp, manifests, base_manifest) for shard in shards for tp in shard]
-    if dev == "cpu" and any(job.mode == "blocks" for job in jobs):
+    kernels = dev == "cpu" and any(job.mode == "blocks" for job in jobs)
+    if kernels:
         # loading the compiled kernels takes ~0.3 s: overlap it with the first reads
         threading.Thread(target=blockmerge.load_kernels, name="mpexec-kernels", daemon=True).start()
     sink = BlockSink(store)
@@ -502,7 +505,8 @@ def _execute(
         ThreadPoolExecutor(2, "mpexec-compute") as compute_pool,
         ThreadPoolExecutor(2, "mpexec-encode") as write_pool,
     ):
-        reader = _Reader(store, read_pool, result, limit=plan.io_budget)
+        fused = blockmerge.ungroup_xor if kernels else None
+        reader = _Reader(store, read_pool, result, limit=plan.io_budget, ungroup_xor=fused)
         ahead = _ReadAhead(jobs, reader, result, PREFETCH_BYTES)
         try:
             for shard_index, shard in enumerate(shards):

@@ -61,6 +61,24 @@ def _uniform(key, index):
 
 
 @numba.njit(nogil=True, cache=True)
+def ungroup_xor(planes, ref, out):
+    """An XOR-coded block decoded in one pass: `out` gets the words whose bytes are `planes` (byte
+    planes, lowest first, as mpstore.codecs.group_bytes writes them; 2 or 4 bytes a word), XOR `ref`.
+    """
+    n = out.shape[0]
+    if planes.shape[0] == 2 * n:
+        b0, b1 = planes[:n], planes[n:]
+        for i in range(n):
+            out[i] = ref[i] ^ (np.uint32(b0[i]) | (np.uint32(b1[i]) << 8))
+    else:
+        b0, b1, b2, b3 = planes[:n], planes[n : 2 * n], planes[2 * n : 3 * n], planes[3 * n :]
+        for i in range(n):
+            out[i] = ref[i] ^ (
+                np.uint32(b0[i]) | (np.uint32(b1[i]) << 8) | (np.uint32(b2[i]) << 16) | (np.uint32(b3[i]) << 24)
+            )
+
+
+@numba.njit(nogil=True, cache=True)
 def high_counts(expert, base, shift, counts, inexact):
     """Histogram of the high 16 bits of |expert - base| as float32 bits, added to `counts` ([4, bins]:
     four interleaved histograms, so runs of equal values, common in bfloat16 deltas, do not wait on
@@ -298,7 +316,8 @@ def combine(
 def warm_up() -> None:
     """Load every kernel's compiled code for bfloat16 and float32 words (compiling on the first run)."""
     for word, shift in ((np.uint16, 16), (np.uint32, 0)):
-        base = np.frombuffer(bytes(32), word)  # read-only, as blocks decoded into bytes are
+        base = np.frombuffer(bytes(32), word)  # read-only, as the executor hands blocks in
+        ungroup_xor(np.frombuffer(bytes(32), np.uint8), base, np.empty_like(base))
         experts = np.zeros((1, base.shape[0]), word)
         high_counts(base, base, shift, np.zeros((4, 1 << 15), np.int32), np.zeros(1 << 15, np.int32))
         low_counts(base, base, shift, 0, np.zeros((4, 1 << 16), np.int32))

@@ -105,8 +105,14 @@ def encode(raw: bytes | memoryview, width: int, level: int, ref: bytes | None = 
     return codec, payload
 
 
-def decode(codec: int, payload: bytes, raw_len: int, width: int, ref: bytes | None = None) -> bytes:
-    """Inverse of encode. Raises CorruptionError on any malformed payload."""
+def decode(
+    codec: int, payload: bytes, raw_len: int, width: int, ref: bytes | None = None, ungroup_xor=None
+) -> bytes | memoryview:
+    """Inverse of encode. Raises CorruptionError on any malformed payload.
+
+    `ungroup_xor(planes, ref_words, out_words)` may fuse the ungrouping and XOR of an XOR-coded block
+    of 2- or 4-byte elements into one pass (mpexec.kernels.ungroup_xor); that block then comes back
+    as a memoryview of the words instead of bytes, saving a copy."""
     try:
         if codec == Codec.RAW:
             body = payload
@@ -121,6 +127,10 @@ def decode(codec: int, payload: bytes, raw_len: int, width: int, ref: bytes | No
         if codec == Codec.XOR_GROUPED_ZSTD:
             if ref is None or len(ref) != raw_len:
                 raise CorruptionError("XOR-coded block without a matching reference block")
+            if ungroup_xor is not None and width in (2, 4):
+                words = np.empty(raw_len // width, _WORDS[width])
+                ungroup_xor(np.frombuffer(body, np.uint8), np.frombuffer(ref, words.dtype), words)
+                return memoryview(words).cast("B")
             if width in _WORDS:  # ungroup, then XOR in place: one copy fewer
                 words = ungroup_words(body, width)
                 words ^= np.frombuffer(ref, dtype=words.dtype)

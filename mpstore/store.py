@@ -323,8 +323,11 @@ class Store:
             raise CorruptionError(f"block {block.hex()} is referenced but not in the index")
         return loc
 
-    def read_block(self, block: bytes, loc: BlockLocation | None = None, ref_raw: bytes | None = None) -> bytes:
-        """The raw bytes of a block. `ref_raw` may supply an XOR reference the caller already holds."""
+    def read_block(
+        self, block: bytes, loc: BlockLocation | None = None, ref_raw: bytes | None = None, ungroup_xor=None
+    ) -> bytes | memoryview:
+        """The raw bytes of a block. `ref_raw` may supply an XOR reference the caller already holds;
+        `ungroup_xor` a fused decoder of XOR-coded blocks (see codecs.decode)."""
         loc = loc or self.location(block)
         stored_id, codec, width, raw_len, ref, payload = self.packs.read_record(loc)
         if stored_id != block:
@@ -336,7 +339,7 @@ class Store:
             if ref_loc.codec == Codec.XOR_GROUPED_ZSTD:
                 raise CorruptionError(f"block {block.hex()}: XOR reference {ref.hex()} is itself XOR-coded")
             ref_raw = self.read_block(ref, ref_loc)
-        return decode(codec, payload, raw_len, width, ref_raw)
+        return decode(codec, payload, raw_len, width, ref_raw, ungroup_xor)
 
     def read_blocks(self, blocks: Iterable[bytes], threads: int | None = None) -> Iterator[bytes]:
         """Raw bytes of `blocks` in order, decoded by a small thread pool with bounded read-ahead."""
