@@ -43,7 +43,7 @@ from .stream import stream_merge, stream_passes, streamable
 if TYPE_CHECKING:
     from mpstore import Store
 
-ENGINE_VERSION = "mpexec 0.2.0"  # 0.2: block-wise task arithmetic, DARE masks drawn per block
+ENGINE_VERSION = "mpexec 0.2.1"  # 0.2: block-wise task arithmetic, DARE masks per block; .1: DARE sums in 64 lanes
 DEFAULT_SHARD_BYTES = 5 * 10**9  # mergekit's default --out-shard-size
 # Methods whose output is exactly the base when every input equals the base (a zero delta adds nothing).
 DELTA_METHODS = set(TASK_ARITHMETIC_FAMILY) | {"sce"}

@@ -115,7 +115,7 @@ def decode(
     as a memoryview of the words instead of bytes, saving a copy."""
     try:
         if codec == Codec.RAW:
-            body = payload
+            body = bytes(payload)  # payload may be a view into a whole record
         else:
             body = _decompressor().decompress(payload, max_output_size=raw_len)
         if len(body) != raw_len:

@@ -75,14 +75,15 @@ def encode_record(block: bytes, codec: Codec, width: int, raw_len: int, payload:
     return head + struct.pack("<Q", checksum64(head, payload)) + payload
 
 
-def parse_record(data: bytes, where: str) -> tuple[bytes, Codec, int, int, bytes, bytes]:
-    """Check a whole record (header + payload); returns (id, codec, width, raw_len, ref, payload)."""
+def parse_record(data: bytes, where: str) -> tuple[bytes, Codec, int, int, bytes, memoryview]:
+    """Check a whole record (header + payload); returns (id, codec, width, raw_len, ref, payload).
+    The payload is a view into `data`, not a copy."""
     if len(data) < RECORD_HEADER_SIZE:
         raise CorruptionError(f"{where}: record truncated")
     magic, codec, width, _, raw_len, stored_len, block, ref, checksum = RECORD_HEADER.unpack_from(data)
     if magic != RECORD_MAGIC:
         raise CorruptionError(f"{where}: bad record magic")
-    payload = data[RECORD_HEADER_SIZE : RECORD_HEADER_SIZE + stored_len]
+    payload = memoryview(data)[RECORD_HEADER_SIZE : RECORD_HEADER_SIZE + stored_len]
     if len(payload) != stored_len:
         raise CorruptionError(f"{where}: record payload truncated")
     if checksum64(data[: RECORD_HEADER_SIZE - 8], payload) != checksum:
@@ -116,7 +117,7 @@ class PackReader:
                     self._fds[number] = fd
         return fd
 
-    def read_record(self, loc: BlockLocation) -> tuple[bytes, Codec, int, int, bytes, bytes]:
+    def read_record(self, loc: BlockLocation) -> tuple[bytes, Codec, int, int, bytes, memoryview]:
         data = pread_exact(self._fd(loc.pack), loc.record_len, loc.offset)
         self.bytes_read += len(data)  # a racy += under threads only skews a statistic by a few bytes
         return parse_record(data, f"pack-{loc.pack:08d}.mpk@{loc.offset}")
