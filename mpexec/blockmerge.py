@@ -11,8 +11,9 @@ Statistics over the whole tensor are exact and come first:
   inside the bin of the cut); elements at unchanged positions are zeros and rank last. A delta of
   bfloat16 weights rarely needs more than 8 significant bits, so the cut's bin usually holds one value
   and magnitudes above it: the first histogram counts those, and a held tensor then needs no second
-  pass. Of the magnitudes equal to the cut, the first ones in element order are kept, as many as the
-  count allows.
+  pass. A held tensor mostly needs no histogram at all: a sample predicts the cut's bin and a pass of
+  comparisons confirms it (_predict_cuts). Of the magnitudes equal to the cut, the first ones in
+  element order are kept, as many as the count allows.
 * DARE keeps each element with probability density, from a hash of (seed, tensor, input, position)
   and the element's index, so masks depend on nothing else (not on chunking, threads or device); its
   L1 rescale divides sum |delta| by the sum over the kept elements, over the whole tensor.
@@ -47,6 +48,9 @@ SPARSIFICATIONS = (None, "magnitude", "random")  # della and breadcrumbs: the wh
 DTYPES = ("BF16", "F16", "F32")
 KERNEL_DTYPES = ("BF16", "F32")  # what mpexec.kernels reads; float16 goes through torch
 HIGH_BINS = 1 << 16
+SAMPLE_EVERY = 64  # TIES cut prediction: one |delta| in 64 is sampled...
+SAMPLE_ALL = 1 << 16  # ...or all of them, in tensors this small
+PREDICTED_BINS = 4  # TIES cut prediction: bins counted around the sample's estimate
 # Blocks are decoded into bytes objects, which torch can only view read-only; nothing here writes to
 # those views, so the warning says nothing.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
@@ -131,7 +135,7 @@ class _Pruning:
     tied: int = 0  # TIES: elements equal to the cut still to keep, in element order
     prob: float = -1.0  # DARE: keep probability (-1: no random pruning)
     scale: float = 1.0  # DARE: the L1 rescale
-    passes: int = 0  # statistics passes over the tensor
+    passes: int = 0  # statistics passes over the tensor still to run (TIES: 2 histograms, then 1)
 
 
 def _prunings(method: str, shared, per_input, base_index: int, layout: Layout) -> dict[int, _Pruning]:
@@ -200,59 +204,65 @@ def merge_blocks(
                     ahead = reader.submit(load, layout.windows[i + 1])
                 yield positions, raw
 
-    # statistics: TIES's cut (one or two histograms), DARE's rescale (sums); one job per expert and window
-    step = 0
-    while any(step < p.passes for p in prunings.values()):
-        counts = {k: np.zeros(HIGH_BINS, np.int64) for k, p in prunings.items() if p.k and step < p.passes}
-        inexact = {k: np.zeros(HIGH_BINS, np.int64) for k in counts}
-        sums: dict[int, list] = {k: [] for k, p in prunings.items() if p.prob >= 0 and step < p.passes}
+    # statistics: TIES's cut, DARE's rescale (sums); one job per expert and window
+    ties: dict[int, dict[int, int]] = {}  # per expert, per position: magnitudes equal to the cut, when known
+    if held is not None:
+        _predict_cuts(prunings, layout, entries, held, backend, pool, ties)
+    while any(p.passes for p in prunings.values()):
+        high = {k: np.zeros(HIGH_BINS, np.int64) for k, p in prunings.items() if p.k and p.passes == 2}
+        inexact = {k: np.zeros(HIGH_BINS, np.int64) for k in high}
+        low = {k: np.zeros(HIGH_BINS, np.int64) for k, p in prunings.items() if p.k and p.passes == 1}
+        sums: dict[int, list] = {k: [] for k, p in prunings.items() if p.prob >= 0 and p.passes}
         for positions, raw in windows():
             jobs = []
-            for k in sorted(set(counts) | set(sums)):
+            for k in sorted(set(high) | set(low) | set(sums)):
                 mine = [j for j in positions if k in layout.changed[j]]
                 blocks = [(raw[entries[k].blocks[j]], raw[layout.base_blocks[j]]) for j in mine]
                 if not blocks:
                     continue
                 p = prunings[k]
-                if k in counts and step == 0:
-                    jobs.append((k, mine, pool.submit(backend.high_counts, blocks)))
-                elif k in counts:
-                    jobs.append((k, mine, pool.submit(backend.low_counts, blocks, p.cut >> 16)))
+                if k in high:
+                    jobs.append((k, pool.submit(backend.high_counts, blocks)))
+                elif k in low:
+                    jobs.append((k, pool.submit(backend.low_counts, blocks, p.cut >> 16)))
                 else:
                     seeds = [keys[(k, j)] for j in mine]
-                    jobs.append((k, mine, pool.submit(backend.dare_sums, blocks, seeds, p.prob)))
-            for k, mine, job in jobs:
-                if k in counts and step == 0:
-                    high, inexact_high = job.result()
-                    counts[k] += high
-                    inexact[k] += inexact_high
-                elif k in counts:
-                    counts[k] += job.result()
+                    jobs.append((k, pool.submit(backend.dare_sums, blocks, seeds, p.prob)))
+            for k, job in jobs:
+                if k in high:
+                    counts, inexact_counts = job.result()
+                    high[k] += counts
+                    inexact[k] += inexact_counts
+                elif k in low:
+                    low[k] += job.result()
                 else:
                     sums[k] += job.result()
-        for k, hist in counts.items():
+        for k, counts in high.items():  # the high 16 bits of the cut
             p = prunings[k]
-            if step == 0:  # the high 16 bits of the cut
-                high, p.above = _bin_of_rank(hist, p.k - 1)
-                p.cut = high << 16
-                wanted = p.k - p.above  # from this bin, whose inexact magnitudes all exceed its exact one
-                if held is not None and wanted > inexact[k][high]:  # the cut is the bin's exact value
-                    p.tied, p.passes = wanted - int(inexact[k][high]), 1
-            else:  # the low 16 bits, ranked inside that bin
-                low, above_low = _bin_of_rank(hist, p.k - 1 - p.above)
-                p.cut |= low
-                p.tied = p.k - p.above - above_low
+            bin_, p.above = _bin_of_rank(counts, p.k - 1)
+            p.cut = bin_ << 16
+            wanted = p.k - p.above  # from this bin, whose inexact magnitudes all exceed its exact one
+            if held is not None and wanted > inexact[k][bin_]:  # the cut is the bin's exact value
+                p.tied, p.passes = wanted - int(inexact[k][bin_]), 0
+            else:
+                p.passes = 1
+        for k, counts in low.items():  # the low 16 bits, ranked inside that bin
+            p = prunings[k]
+            bits, above_low = _bin_of_rank(counts, p.k - 1 - p.above)
+            p.cut |= bits
+            p.tied = p.k - p.above - above_low
+            p.passes = 0
         for k, per_block in sums.items():  # exact sums: the same whatever the windows
             before, after = math.fsum(b for b, _ in per_block), math.fsum(a for _, a in per_block)
             prunings[k].scale = before / after if before >= 1e-7 and after >= 1e-7 else 1.0
-        step += 1
+            prunings[k].passes = 0
 
     # the merge, window by window, positions in parallel
     weights = {k: p["weight"] for k, p in enumerate(per_input) if k != base_index}
     total = sum(weights.values())
     done = 0
     for positions, raw in windows():
-        quotas = _tie_quotas(prunings, layout, entries, positions, raw, backend, pool)
+        quotas = _tie_quotas(prunings, layout, entries, positions, raw, backend, pool, ties)
         jobs = []
         for j in positions:
             ks = layout.changed[j]
@@ -280,18 +290,81 @@ def merge_blocks(
         yield skipped, None, None, None
 
 
-def _tie_quotas(prunings: dict[int, _Pruning], layout: Layout, entries, positions, raw, backend, pool):
-    """How many magnitudes equal to its cut each expert keeps at each of these positions: the first
-    ones in element order, so counted block by block, in order, while the expert's quota lasts."""
+def _predict_cuts(prunings: dict[int, _Pruning], layout: Layout, entries, held, backend, pool, ties) -> None:
+    """The TIES cut of a held tensor without a histogram, most of the time.
+
+    A sample of |delta| predicts a few high-16-bit bins around the cut; one pass of comparisons (which
+    vectorize, where a histogram's scattered increments do not) counts, block by block, the magnitudes
+    at or above each bin and equal to each bin's exact value (low 16 bits zero). If the cut's rank falls
+    in one of the bins, that is its high 16 bits, exactly as the histogram finds them; if moreover the
+    rank falls among the bin's exact values (bfloat16 deltas mostly are), the cut is known and so are
+    the ties at each position. Otherwise the tensor's histogram passes run as before."""
     jobs = {}
+    for k, p in prunings.items():
+        mine = [j for j in layout.windows[0] if k in layout.changed[j]]
+        if p.k and mine:
+            blocks = [(held[entries[k].blocks[j]], held[layout.base_blocks[j]]) for j in mine]
+            jobs[k] = (mine, pool.submit(_count_predicted_bins, backend, blocks, p.k - 1, layout.held(k)))
+    for k, (mine, job) in jobs.items():
+        p = prunings[k]
+        first_bin, at_least, equal = job.result()  # per block, per edge
+        ge, eq = at_least.sum(axis=0), equal.sum(axis=0)
+        found = [r for r in range(len(ge) - 1) if ge[r + 1] <= p.k - 1 < ge[r]]
+        if not found:
+            continue  # the prediction missed: histograms
+        r = found[0]
+        p.cut, p.above = (first_bin + r) << 16, int(ge[r + 1])
+        inexact = int(ge[r] - ge[r + 1] - eq[r])  # in the bin, above its exact value
+        wanted = p.k - p.above
+        if wanted > inexact:  # past the bin's inexact magnitudes, among its exact ones
+            p.tied, p.passes = wanted - inexact, 0
+            ties[k] = {j: int(count) for j, count in zip(mine, equal[:, r])}
+        else:
+            p.passes = 1  # the low 16 bits still to rank
+
+
+def _count_predicted_bins(backend, blocks, rank: int, held: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """The high-16-bit bins where a sample of |delta| puts descending rank `rank` of `held` magnitudes,
+    give or take the sample's error (at most PREDICTED_BINS, from the lowest), and per block and bin
+    edge the counts at or above it and equal to it (the last edge is the top of the last bin)."""
+    sample = backend.sample(blocks, SAMPLE_EVERY if held > SAMPLE_ALL else 1)
+    n = len(sample)
+    at = rank * n / held  # descending
+    margin = 4 * math.sqrt(at * (1 - at / n)) + 2  # binomial standard deviations of the estimate
+    spots = [n - 1 - min(n - 1, max(0, round(x))) for x in (at - margin, at, at + margin)]  # ascending
+    top, middle, bottom = (int(v) >> 16 for v in np.partition(sample, sorted(set(spots)))[spots])
+    first = max(bottom, middle - (PREDICTED_BINS - 1) // 2)
+    last = min(top, first + PREDICTED_BINS - 1)
+    edges = np.arange(first, last + 2, dtype=np.int64) << 16
+    at_least, equal = backend.edge_counts(blocks, edges)
+    return first, at_least, equal
+
+
+def _sample_indices(n: int, every: int) -> np.ndarray:
+    """n // every element indices (all of them for every <= 1) spread over [0, n) by a multiplicative
+    hash: a strided sample can fall in step with the rows of a structured delta (a LoRA's)."""
+    if every <= 1:
+        return np.arange(n)
+    spread = np.arange(max(1, n // every), dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    return ((spread >> np.uint64(32)) % np.uint64(n)).astype(np.int64)
+
+
+def _tie_quotas(prunings: dict[int, _Pruning], layout: Layout, entries, positions, raw, backend, pool, ties):
+    """How many magnitudes equal to its cut each expert keeps at each of these positions: the first
+    ones in element order, so counted block by block, in order, while the expert's quota lasts. `ties`
+    has the counts of the experts whose cut was predicted; the others are counted here."""
+    counted = {}
     for k, p in prunings.items():
         mine = [j for j in positions if k in layout.changed[j]]
         if p.cut >= 0 and p.tied > 0 and mine:
-            blocks = [(raw[entries[k].blocks[j]], raw[layout.base_blocks[j]]) for j in mine]
-            jobs[k] = (mine, pool.submit(backend.equal, blocks, p.cut))
+            if k in ties:
+                counted[k] = (mine, [ties[k][j] for j in mine])
+            else:
+                blocks = [(raw[entries[k].blocks[j]], raw[layout.base_blocks[j]]) for j in mine]
+                counted[k] = (mine, pool.submit(backend.equal, blocks, p.cut))
     quotas = {}
-    for k, (mine, job) in jobs.items():
-        for j, count in zip(mine, job.result()):
+    for k, (mine, counts) in counted.items():
+        for j, count in zip(mine, counts if isinstance(counts, list) else counts.result()):
             taken = min(count, prunings[k].tied)
             prunings[k].tied -= taken
             quotas[(k, j)] = taken
@@ -308,11 +381,15 @@ def _bin_of_rank(counts: np.ndarray, rank: int) -> tuple[int, int]:
 # ---------------------------------------------------------------------------- backends
 
 
-def load_kernels() -> None:
-    """Import mpexec.kernels and load their compiled code (from numba's cache after the first run)."""
+def load_kernels(method: str, dtypes: set[str]) -> None:
+    """Import mpexec.kernels and load the compiled code a merge by `method` of these dtypes uses (from
+    numba's cache after the first run)."""
     from . import kernels
 
-    kernels.warm_up()
+    sparsification = TASK_ARITHMETIC_FAMILY[method][0]
+    statistics = {"magnitude": ["edge_counts", "high_counts", "low_counts"], "random": ["dare_sums"]}
+    used = ["ungroup_xor", "combine", *statistics.get(sparsification, [])]
+    kernels.warm_up(sorted(dtypes & set(KERNEL_DTYPES)), used)
 
 
 def ungroup_xor(planes: np.ndarray, ref: np.ndarray, out: np.ndarray) -> None:
@@ -355,14 +432,34 @@ class _KernelBackend:
 
     def low_counts(self, blocks: list[tuple[bytes, bytes]], bin_: int) -> np.ndarray:
         """Histogram of the low 16 bits of the |expert - base| whose high 16 bits are `bin_`."""
-        counts = np.zeros((4, HIGH_BINS), np.int32)
+        counts = np.zeros((4, HIGH_BINS + 1), np.int32)  # the last column: elements outside the bin
         for expert, base in blocks:
             self.kernels.low_counts(self._words(expert), self._words(base), self.shift, bin_, counts)
-        return counts.sum(axis=0, dtype=np.int64)
+        return counts[:, :HIGH_BINS].sum(axis=0, dtype=np.int64)
+
+    def sample(self, blocks: list[tuple[bytes, bytes]], every: int) -> np.ndarray:
+        """float32 bits of |expert - base| at one element in `every` of each block (_sample_indices)."""
+        parts = []
+        for expert, base in blocks:
+            e_words, b_words = self._words(expert), self._words(base)
+            at = _sample_indices(len(b_words), every)
+            e = (e_words[at].astype(np.uint32) << self.shift).view(np.float32)
+            b = (b_words[at].astype(np.uint32) << self.shift).view(np.float32)
+            parts.append(np.abs(e - b).view(np.uint32))
+        return np.concatenate(parts)
+
+    def edge_counts(self, blocks: list[tuple[bytes, bytes]], edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per (expert, base) block and edge (float32 bits): how many |expert - base| are at or above
+        the edge, and how many equal it; two [blocks, edges] arrays."""
+        at_least = np.zeros((len(blocks), len(edges)), np.int64)
+        equal = np.zeros((len(blocks), len(edges)), np.int64)
+        for (expert, base), ge, eq in zip(blocks, at_least, equal):
+            self.kernels.edge_counts(self._words(expert), self._words(base), self.shift, edges, ge, eq)
+        return at_least, equal
 
     def equal(self, blocks: list[tuple[bytes, bytes]], cut: int) -> list[int]:
         """Per (expert, base) block, how many |expert - base| equal the cut."""
-        return [int(self.kernels.count_equal(self._words(e), self._words(b), self.shift, cut)) for e, b in blocks]
+        return [int(count) for count in self.edge_counts(blocks, np.array([cut], np.int64))[1][:, 0]]
 
     def dare_sums(self, blocks: list[tuple[bytes, bytes]], keys: list[int], prob: float) -> list[tuple[float, float]]:
         """Per (expert, base) block: sum |delta|, and its sum over the elements DARE keeps."""
@@ -462,6 +559,23 @@ class _TorchBackend:
             bits = self._magnitudes(expert, base)
             total += torch.bincount(bits[(bits >> 16) == bin_] & 0xFFFF, minlength=HIGH_BINS)
         return total.cpu().numpy()
+
+    @_on_worker_stream
+    def sample(self, blocks: list[tuple[bytes, bytes]], every: int) -> np.ndarray:
+        parts = []
+        for expert, base in blocks:
+            bits = self._magnitudes(expert, base)
+            parts.append(bits[torch.from_numpy(_sample_indices(bits.numel(), every)).to(self.device)])
+        return torch.cat(parts).cpu().numpy().view(np.uint32)
+
+    @_on_worker_stream
+    def edge_counts(self, blocks: list[tuple[bytes, bytes]], edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        at_least, equal = [], []
+        for expert, base in blocks:
+            bits = self._magnitudes(expert, base)
+            at_least.append([int((bits.long() >= int(edge)).sum()) for edge in edges])  # edges reach 2**31
+            equal.append([int((bits == int(edge)).sum()) for edge in edges])
+        return np.array(at_least, np.int64).reshape(-1, len(edges)), np.array(equal, np.int64).reshape(-1, len(edges))
 
     @_on_worker_stream
     def equal(self, blocks: list[tuple[bytes, bytes]], cut: int) -> list[int]:

@@ -122,34 +122,51 @@ def high_counts(expert, base, shift, counts, inexact):
 @numba.njit(nogil=True, cache=True)
 def low_counts(expert, base, shift, bin_, counts):
     """Histogram of the low 16 bits of the |expert - base| (float32 bits) whose high 16 bits are
-    `bin_`, added to `counts` ([4, 65536], interleaved as in high_counts)."""
+    `bin_`, added to `counts` ([4, 65537], interleaved as in high_counts). The others count in the
+    last column: no branch to mispredict on whether an element is in the bin."""
     n = base.shape[0]
     e_bits, b_bits, mag = _scratch()
     mag_bits = mag.view(np.uint32)
+    slot = np.empty(TILE, np.uint32)
     sh = np.uint32(shift)
+    high = np.uint32(bin_)
     for start in range(0, n, TILE):
         stop = min(n, start + TILE)
+        t = stop - start
         _magnitudes(expert[start:stop], base[start:stop], sh, e_bits, b_bits, mag)
-        for i in range(stop - start):
+        for i in range(t):
             bits = mag_bits[i]
-            if (bits >> 16) == bin_:
-                counts[i & 3, bits & 0xFFFF] += 1
+            slot[i] = (bits & np.uint32(0xFFFF)) if (bits >> np.uint32(16)) == high else np.uint32(0x10000)
+        for i in range(0, t - 3, 4):
+            counts[0, slot[i]] += 1
+            counts[1, slot[i + 1]] += 1
+            counts[2, slot[i + 2]] += 1
+            counts[3, slot[i + 3]] += 1
+        for i in range(t - t % 4, t):
+            counts[0, slot[i]] += 1
 
 
 @numba.njit(nogil=True, cache=True)
-def count_equal(expert, base, shift, cut):
-    """How many |expert - base| (float32 bits) equal `cut`."""
+def edge_counts(expert, base, shift, edges, at_least, equal):
+    """Of the |expert - base| (float32 bits): how many are >= each of `edges`, and how many equal each,
+    added to `at_least` and `equal`. Comparisons only, so they vectorize (a histogram's scattered
+    increments do not)."""
     n = base.shape[0]
     e_bits, b_bits, mag = _scratch()
     mag_bits = mag.view(np.uint32)
-    total = 0
     sh = np.uint32(shift)
     for start in range(0, n, TILE):
         stop = min(n, start + TILE)
         _magnitudes(expert[start:stop], base[start:stop], sh, e_bits, b_bits, mag)
-        for i in range(stop - start):
-            total += mag_bits[i] == cut
-    return total
+        for r in range(edges.shape[0]):
+            edge = np.uint32(edges[r])
+            ge = 0
+            eq = 0
+            for i in range(stop - start):
+                ge += mag_bits[i] >= edge
+                eq += mag_bits[i] == edge
+            at_least[r] += ge
+            equal[r] += eq
 
 
 SUM_LANES = 64  # dare_sums' accumulators: element i adds into lane i % 64 of its tile
@@ -345,31 +362,44 @@ def combine(
     stats[2] = changed
 
 
-def warm_up() -> None:
-    """Load every kernel's compiled code for bfloat16 and float32 words (compiling on the first run)."""
-    for word, shift in ((np.uint16, 16), (np.uint32, 0)):
+WORDS = {"BF16": (np.uint16, 16), "F32": (np.uint32, 0)}  # stored word and shift of each dtype
+
+
+def warm_up(dtypes=tuple(WORDS), only=None) -> None:
+    """Load the compiled code of the kernels (all, or those named in `only`) for these dtypes' words,
+    compiling on the first run. Each signature takes ~20 ms to load, so a merge loads what it uses."""
+    for dtype in dtypes:
+        word, shift = WORDS[dtype]
         base = np.frombuffer(bytes(32), word)  # read-only, as the executor hands blocks in
-        ungroup_xor(np.frombuffer(bytes(32), np.uint8), base, np.empty_like(base))
-        experts = np.zeros((1, base.shape[0]), word)
-        high_counts(base, base, shift, np.zeros((4, 1 << 15), np.int32), np.zeros(1 << 15, np.int32))
-        low_counts(base, base, shift, 0, np.zeros((4, 1 << 16), np.int32))
-        count_equal(base, base, shift, 0)
-        dare_sums(base, base, shift, np.uint64(1), 0.5)
         ones = np.ones(1)
-        combine(
-            base,
-            experts,
-            shift,
-            ones,
-            ones,
-            np.full(1, -1, np.int64),
-            np.zeros(1, np.int64),
-            np.ones(1, np.uint64),
-            np.full(1, -1, np.float32),
-            True,
-            True,
-            1.0,
-            0.0,
-            np.empty(base.shape[0], word),
-            np.zeros(3),
-        )
+        calls = {
+            "ungroup_xor": lambda: ungroup_xor(np.frombuffer(bytes(32), np.uint8), base, np.empty_like(base)),
+            "high_counts": lambda: high_counts(
+                base, base, shift, np.zeros((4, 1 << 15), np.int32), np.zeros(1 << 15, np.int32)
+            ),
+            "low_counts": lambda: low_counts(base, base, shift, 0, np.zeros((4, (1 << 16) + 1), np.int32)),
+            "edge_counts": lambda: edge_counts(
+                base, base, shift, np.zeros(2, np.int64), np.zeros(2, np.int64), np.zeros(2, np.int64)
+            ),
+            "dare_sums": lambda: dare_sums(base, base, shift, np.uint64(1), 0.5),
+            "combine": lambda: combine(
+                base,
+                np.zeros((1, base.shape[0]), word),
+                shift,
+                ones,
+                ones,
+                np.full(1, -1, np.int64),
+                np.zeros(1, np.int64),
+                np.ones(1, np.uint64),
+                np.full(1, -1, np.float32),
+                True,
+                True,
+                1.0,
+                0.0,
+                np.empty(base.shape[0], word),
+                np.zeros(3),
+            ),
+        }
+        for name, call in calls.items():
+            if only is None or name in only:
+                call()

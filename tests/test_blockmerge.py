@@ -100,6 +100,11 @@ def test_kernel_statistics_equal_torch_statistics():
     assert np.array_equal(low, ref.low_counts(blocks, b)) and low.sum() == high[b]
     assert low[1:].sum() == inexact[b]  # inexact: the low 16 bits are not zero
     assert cpu.equal(blocks, b << 16) == ref.equal(blocks, b << 16)
+    edges = np.arange(b - 2, b + 2, dtype=np.int64) << 16
+    at_least, equal = cpu.edge_counts(blocks, edges)
+    ref_at_least, ref_equal = ref.edge_counts(blocks, edges)
+    assert np.array_equal(at_least, ref_at_least) and np.array_equal(equal, ref_equal)
+    assert at_least[:, 0].sum() == high[b - 2 :].sum() and equal[:, 2].sum() == high[b] - inexact[b]
     ours, theirs = cpu.dare_sums(blocks, [5, 6], 0.3), ref.dare_sums(blocks, [5, 6], 0.3)
     assert np.allclose(ours, theirs, rtol=1e-12)
     assert all(0.1 < after / before < 0.5 for before, after in ours)  # about 30% kept
@@ -123,6 +128,32 @@ def _merged(store_path, text: str, name: str) -> tuple[dict[str, torch.Tensor], 
         plan = plan_merge(s, text)
         result = run_merge(s, plan, name=name, force=True)
         return dict(s.tensors(result.id)), result, s.manifest(result.id)
+
+
+def test_predicted_ties_cut_is_the_histograms_cut(merge_store, monkeypatch):
+    """A held tensor's TIES cut comes from a sample and one counting pass when the sample's bins hold it,
+    else from the histograms: both give the same merge."""
+    outcomes = []
+    predict = blockmerge._count_predicted_bins
+
+    def watched(backend, blocks, rank, held):
+        first, at_least, equal = predict(backend, blocks, rank, held)
+        ge = at_least.sum(axis=0)
+        outcomes.append(any(ge[r + 1] <= rank < ge[r] for r in range(len(ge) - 1)))
+        return first, at_least, equal
+
+    monkeypatch.setattr(blockmerge, "_count_predicted_bins", watched)
+    predicted, _, manifest = _merged(merge_store, _query("ties"), "predicted")
+    assert outcomes and all(outcomes)  # every cut found from its sample
+
+    def missed(backend, blocks, rank, held):  # bins far above any delta: the rank is never in them
+        return 0x7F00, *backend.edge_counts(blocks, np.array([0x7F00, 0x7F01], np.int64) << 16)
+
+    monkeypatch.setattr(blockmerge, "_count_predicted_bins", missed)
+    counted, _, counted_manifest = _merged(merge_store, _query("ties"), "histograms")
+    assert counted_manifest.id == manifest.id
+    for name in predicted:
+        assert torch.equal(predicted[name], counted[name]), name
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
