@@ -470,14 +470,13 @@ class _KernelBackend:
 
     def combine(self, base, experts, weights, prunings, quotas, keys, consensus, shared, omitted):
         base_words = self._words(base)
-        stacked = np.empty((len(experts), len(base_words)), self.word)
-        for row, raw in zip(stacked, experts):
-            row[:] = self._words(raw)
+        expert_words = [self._words(raw) for raw in experts]  # referenced until the kernel returns
+        assert all(len(words) == len(base_words) for words in expert_words)  # the kernel reads that many
         out = np.empty_like(base_words)
         stats = np.zeros(3)
         self.kernels.combine(
             base_words,
-            stacked,
+            np.array([words.ctypes.data for words in expert_words], np.int64),
             self.shift,
             np.array(weights, np.float64),
             np.array([p.scale for p in prunings], np.float64),

@@ -67,6 +67,16 @@ def _hash32(typingctx, key, index):
     return types.float32(types.uint64, types.int64), codegen
 
 
+@intrinsic
+def _voidptr(typingctx, address):
+    """An int64 address as a pointer, for numba.carray."""
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(types.voidptr))
+
+    return types.voidptr(types.int64), codegen
+
+
 @numba.njit(nogil=True, cache=True, inline="always")
 def _uniform(key, index):
     """A uniform float32 in [0, 1) (24 random bits) from a 64-bit key and an element index (see
@@ -228,6 +238,8 @@ def combine(
 ):
     """One merged block: base + lam * mix(weight_k * prune_k(expert_k - base)), written to `out` (words).
 
+    `experts` holds the addresses of the experts' blocks (int64; each as many words as `base`, alive
+    for the call): read where the reader decoded them, they need no copy into one array first.
     Per expert k: `cuts[k]` >= 0 trims to magnitudes (float32 bits) above the cut, plus the first
     `quotas[k]` equal to it; `probs[k]` >= 0 keeps each element with that probability (DARE), drawn
     from `seeds[k]` and the element's index; `scales[k]` rescales what is kept. mix: a sum, or with
@@ -235,7 +247,7 @@ def combine(
     `normalize` divides by the weights summed (with `omitted`, the weight of experts whose delta is
     zero here and are left out) or, with consensus, by the weights of the deltas that agree.
     `stats` gets (L2 norm, max |out - base|, changed words)."""
-    m, n = experts.shape
+    m, n = experts.shape[0], base.shape[0]
     b_bits = np.empty(TILE, np.uint32)
     b_val = b_bits.view(np.float32)
     e_bits = np.empty(TILE, np.uint32)
@@ -268,7 +280,7 @@ def combine(
         _widen(base_tile, sh, b_bits)
         for k in range(m):
             row = d[k * TILE : k * TILE + t]
-            _widen(experts[k, start:stop], sh, e_bits)
+            _widen(numba.carray(_voidptr(experts[k]), n, base.dtype)[start:stop], sh, e_bits)
             for i in range(t):
                 row[i] = e_val[i] - b_val[i]
             if cuts[k] >= 0:  # TIES: the top magnitudes, ties at the cut first in element order
@@ -384,7 +396,7 @@ def warm_up(dtypes=tuple(WORDS), only=None) -> None:
             "dare_sums": lambda: dare_sums(base, base, shift, np.uint64(1), 0.5),
             "combine": lambda: combine(
                 base,
-                np.zeros((1, base.shape[0]), word),
+                np.array([base.ctypes.data], np.int64),
                 shift,
                 ones,
                 ones,
