@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from mpstore.codecs import ungroup_words
 from mpstore.dtypes import dtype_named
 from mpstore.snapshot import TensorEntry
 
@@ -381,22 +382,32 @@ def _bin_of_rank(counts: np.ndarray, rank: int) -> tuple[int, int]:
 # ---------------------------------------------------------------------------- backends
 
 
+_decoder_loaded = threading.Event()  # set once load_kernels has loaded kernels.ungroup_xor
+
+
 def load_kernels(method: str, dtypes: set[str]) -> None:
     """Import mpexec.kernels and load the compiled code a merge by `method` of these dtypes uses (from
-    numba's cache after the first run)."""
+    numba's cache after the first run), the readers' decoder first."""
     from . import kernels
 
+    words = sorted(dtypes & set(KERNEL_DTYPES))
+    kernels.warm_up(words, ["ungroup_xor"])
+    _decoder_loaded.set()
     sparsification = TASK_ARITHMETIC_FAMILY[method][0]
     statistics = {"magnitude": ["edge_counts", "high_counts", "low_counts"], "random": ["dare_sums"]}
-    used = ["ungroup_xor", "combine", *statistics.get(sparsification, [])]
-    kernels.warm_up(sorted(dtypes & set(KERNEL_DTYPES)), used)
+    kernels.warm_up(words, ["combine", *statistics.get(sparsification, [])])
 
 
 def ungroup_xor(planes: np.ndarray, ref: np.ndarray, out: np.ndarray) -> None:
-    """mpexec.kernels.ungroup_xor, imported on first use: the executor's readers decode with it."""
-    from . import kernels
+    """The executor's readers decode XOR-coded blocks with kernels.ungroup_xor (codecs.decode) once
+    load_kernels has loaded it; until then with numpy, so that reading starts while numba does (its
+    import and first load take ~0.4 s)."""
+    if _decoder_loaded.is_set():
+        from . import kernels
 
-    kernels.ungroup_xor(planes, ref, out)
+        kernels.ungroup_xor(planes, ref, out)
+    else:
+        np.bitwise_xor(ungroup_words(planes, out.itemsize), ref, out=out)
 
 
 def _backend(dtype: str, device: str):
