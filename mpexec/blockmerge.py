@@ -354,18 +354,17 @@ def _tie_quotas(prunings: dict[int, _Pruning], layout: Layout, entries, position
     """How many magnitudes equal to its cut each expert keeps at each of these positions: the first
     ones in element order, so counted block by block, in order, while the expert's quota lasts. `ties`
     has the counts of the experts whose cut was predicted; the others are counted here."""
-    counted = {}
-    for k, p in prunings.items():
-        mine = [j for j in positions if k in layout.changed[j]]
-        if p.cut >= 0 and p.tied > 0 and mine:
-            if k in ties:
-                counted[k] = (mine, [ties[k][j] for j in mine])
-            else:
-                blocks = [(raw[entries[k].blocks[j]], raw[layout.base_blocks[j]]) for j in mine]
-                counted[k] = (mine, pool.submit(backend.equal, blocks, p.cut))
+    mine = {k: [j for j in positions if k in layout.changed[j]] for k in prunings}
+    tied = [k for k, p in prunings.items() if p.cut >= 0 and p.tied > 0 and mine[k]]
+    jobs = {}
+    for k in tied:
+        if k not in ties:
+            blocks = [(raw[entries[k].blocks[j]], raw[layout.base_blocks[j]]) for j in mine[k]]
+            jobs[k] = pool.submit(backend.equal, blocks, prunings[k].cut)
     quotas = {}
-    for k, (mine, counts) in counted.items():
-        for j, count in zip(mine, counts if isinstance(counts, list) else counts.result()):
+    for k in tied:
+        counts = jobs[k].result() if k in jobs else [ties[k][j] for j in mine[k]]
+        for j, count in zip(mine[k], counts):
             taken = min(count, prunings[k].tied)
             prunings[k].tied -= taken
             quotas[(k, j)] = taken

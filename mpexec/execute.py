@@ -197,7 +197,7 @@ class _Reader:
         """
         wanted = [b for b in dict.fromkeys(blocks) if b not in cache]
         self.result.blocks_read += len(wanted)
-        locs = {b: self.store.location(b) for b in wanted}
+        locs = self.store.locations(wanted)
         plain = [b for b in wanted if locs[b].codec != Codec.XOR_GROUPED_ZSTD]
         coded = [b for b in wanted if locs[b].codec == Codec.XOR_GROUPED_ZSTD]
         if self.dry:

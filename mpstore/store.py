@@ -320,8 +320,17 @@ class Store:
     def location(self, block: bytes) -> BlockLocation:
         loc = self.index.get_block(block)
         if loc is None:
-            raise CorruptionError(f"block {block.hex()} is referenced but not in the index")
+            raise _unindexed(block)
         return loc
+
+    def locations(self, blocks: Iterable[bytes]) -> dict[bytes, BlockLocation]:
+        """Where each block is, looked up in one index transaction."""
+        blocks = list(blocks)
+        found = self.index.get_blocks(blocks)
+        missing = next((block for block in blocks if block not in found), None)
+        if missing is not None:
+            raise _unindexed(missing)
+        return found
 
     def read_block(
         self, block: bytes, loc: BlockLocation | None = None, ref_raw: bytes | None = None, ungroup_xor=None
@@ -406,6 +415,10 @@ class Store:
         from .usage import disk_usage
 
         return disk_usage(self)
+
+
+def _unindexed(block: bytes) -> CorruptionError:
+    return CorruptionError(f"block {block.hex()} is referenced but not in the index")
 
 
 __all__ = ["Store", "SnapshotInfo", "default_store_path", "check_ref_name", "MpstoreError"]
