@@ -11,10 +11,10 @@ left unused for about a minute, so reading them once at the start is not enough)
 Cases: task_arithmetic (weight 1/N), ties and dare_ties (density 0.5, weight 1/N; dare with seed 0 in
 both tools), for each N of ``--experts``; slerp of the base and one full expert (t 0.5) once. No
 ``dtype`` key: mergekit computes in the inputs' dtype (bf16), mpstore in float32; both write bf16.
-One YAML text per case, model values absolute folder paths, is what mergekit runs. mpstore runs a
-second YAML that differs only in the model values (the store's ref names): given a folder, mpstore
-would ingest it again (deduplicated, but every byte is read and hashed). That variant is also run once
-per case and reported apart.
+One YAML text per case, model values absolute folder paths, is what both tools run: mpstore finds the
+folders ingested already and unchanged (mpstore.folders, by stat data) and reads none of them again.
+A second YAML that differs only in the model values (the store's ref names) is also run through mpstore
+once per case and reported apart.
 
 Each tool runs as a whole process (interpreter start-up and imports included), ``--repeat`` times per
 case, the two tools interleaved (alternating which goes first); ``os.sync()`` before each run. Measured
@@ -395,21 +395,21 @@ def run(
                         "--store",
                         str(store_path),
                         "merge",
-                        str(ref_yml),
+                        str(yml),
                         "--name",
                         name,
                         "--force",
                         "--json",
                     ]
                     + seed_mp,
-                    "mpstore_paths": [
+                    "mpstore_refs": [
                         mpstore_exe,
                         "--store",
                         str(store_path),
                         "merge",
-                        str(yml),
+                        str(ref_yml),
                         "--name",
-                        name + "-paths",
+                        name + "-refs",
                         "--force",
                         "--json",
                     ]
@@ -431,7 +431,7 @@ def run(
             if who == "mergekit" and spec["out"].exists():
                 shutil.rmtree(spec["out"])
             if who.startswith("mpstore"):  # the merge writes its output afresh, as mergekit does
-                drop_output(mpstore_exe, store_path, spec["ref"] + ("-paths" if who == "mpstore_paths" else ""))
+                drop_output(mpstore_exe, store_path, spec["ref"] + ("-refs" if who == "mpstore_refs" else ""))
             warm(spec["files"] + [p for p in sorted(store_path.rglob("*")) if p.is_file()])
             r = run_measured(spec[who], env)
             if r.returncode != 0:
@@ -458,7 +458,7 @@ def run(
 
         with Store.open(store_path) as store:
             for spec in specs:
-                paths_run = once(spec, "mpstore_paths")  # the identical YAML, folder paths: re-ingested
+                refs_run = once(spec, "mpstore_refs")  # the YAML naming the store's refs
                 case = spec["case"]
                 agree = compare_outputs(spec["out"], store, spec["ref"])
                 mk, mp = spec["runs"]["mergekit"], spec["runs"]["mpstore"]
@@ -480,15 +480,15 @@ def run(
                         "input_bytes": spec["input_bytes"],
                         "mpstore": spec["json"],
                         "bytes_read_runs": spec["reads"],
-                        "paths_s": paths_run.wall,
-                        "paths_rss": paths_run.maxrss,
-                        "paths_rchar": paths_run.rchar,
-                        "paths_bytes_read": json.loads(paths_run.stdout)["bytes_read"],
+                        "refs_s": refs_run.wall,
+                        "refs_rss": refs_run.maxrss,
+                        "refs_rchar": refs_run.rchar,
+                        "refs_bytes_read": json.loads(refs_run.stdout)["bytes_read"],
                         "agree": agree,
                     }
                 )
                 log(
-                    f"{case.key:<18} same-YAML (paths) mpstore {paths_run.wall:.2f} s; outputs: "
+                    f"{case.key:<18} refs YAML mpstore {refs_run.wall:.2f} s; outputs: "
                     f"{agree['tensors']} tensors, max |diff| {agree['max_abs']:.3g}, "
                     f"{agree['beyond_ulp']} bf16 elements > 1 ulp apart, {agree['bad_f32']} outside f32 tolerance"
                 )
@@ -526,8 +526,8 @@ def pipeline(mpstore_exe: str, workdir: Path, paths: dict[str, Path], ties8: dic
         steps.append(
             (f"ingest {name}", [mpstore_exe, "--store", str(store), "ingest", str(paths[name]), "--name", name] + base)
         )
-    ref_yml = workdir / f"{ties8['case'].key}.refs.yml"
-    steps.append(("merge ties-8", [mpstore_exe, "--store", str(store), "merge", str(ref_yml), "--name", "p", "--json"]))
+    yml = workdir / f"{ties8['case'].key}.yml"  # mergekit's YAML: the folders just ingested
+    steps.append(("merge ties-8", [mpstore_exe, "--store", str(store), "merge", str(yml), "--name", "p", "--json"]))
     walls = {}
     for label, cmd in steps:
         r = run_measured(cmd, env)
@@ -660,9 +660,10 @@ def render(fig: dict, plots: tuple[str, str] | None = None) -> str:
             else "No `dtype` key: mergekit computes in bf16 (the inputs' dtype), mpstore in float32; both write bf16. "
         )
         + "mergekit runs "
-        "a YAML whose `model:` values are absolute folder paths; mpstore runs a YAML that differs only in "
-        "those values (the store's ref names), because a folder would be ingested again (deduplicated, but "
-        "read and hashed in full); that same-YAML variant is reported in the second table.",
+        "and mpstore run the same YAML, whose `model:` values are absolute folder paths; mpstore finds those "
+        "folders ingested and unchanged (by their files' stat data, FORMAT.md section 11) and reads none "
+        "of them. A YAML that differs only in those values (the store's ref names) is run through mpstore "
+        "once per case and reported in the second table.",
         "",
         "Both tools run as whole processes, start-up and imports included, each case "
         f"{fig['repeat']} times with the tools interleaved; medians. Before every mpstore run the previous "
@@ -679,12 +680,12 @@ def render(fig: dict, plots: tuple[str, str] | None = None) -> str:
         "Ratio = mergekit read / mpstore bytes_read. The YAML of the first case, as each tool got it:",
         "",
         "```yaml",
-        "# mergekit-yaml (and the mpstore same-YAML run)",
+        "# mergekit-yaml and mpstore merge",
         fig["example_yaml"]["mergekit"].rstrip(),
         "```",
         "",
         "```yaml",
-        "# mpstore merge",
+        "# mpstore merge, the refs variant",
         fig["example_yaml"]["mpstore"].rstrip(),
         "```",
         "",
@@ -731,14 +732,14 @@ def render(fig: dict, plots: tuple[str, str] | None = None) -> str:
     lines += [
         "",
         "Details: `rchar` of /proc/PID/io at exit (bytes passed through read()/pread(), imports included; "
-        "mmap reads are not counted), every run's wall seconds, mpstore's own read figures, the same-YAML "
-        "(folder paths) mpstore run (once), and output agreement (mpstore's snapshot vs mergekit's folder: "
+        "mmap reads are not counted), every run's wall seconds, mpstore's own read figures, the refs-YAML "
+        "mpstore run (once), and output agreement (mpstore's snapshot vs mergekit's folder: "
         "largest |difference|, bf16 elements more than 1 ulp apart):",
         "",
         "| method | N | mergekit rchar MB | mpstore rchar MB | mergekit runs s | mpstore runs s | mpstore merge s "
         "(its own `seconds`, last run) | mpstore bytes_read MB, runs | mpstore read "
         "base / experts MB (last run) | blocks read / skipped same / shared | mpstore written MB "
-        "| mpstore, folder-path YAML: s, RSS MB, bytes_read MB | max abs diff | > 1 ulp |",
+        "| mpstore, refs YAML: s, RSS MB, bytes_read MB | max abs diff | > 1 ulp |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
@@ -751,8 +752,8 @@ def render(fig: dict, plots: tuple[str, str] | None = None) -> str:
             f"| {', '.join(_mb(b) for b in r['bytes_read_runs'])} "
             f"| {_mb(j['bytes_read_base'])} / {_mb(j['bytes_read_experts'])} "
             f"| {j['blocks_read']} / {j['blocks_skipped']['same_as_base']} / {j['blocks_skipped']['shared']} "
-            f"| {_mb(j['written_bytes'])} | {r['paths_s']:.2f}, {r['paths_rss'] / MB:.0f}, "
-            f"{_mb(r['paths_bytes_read'])} | {a['max_abs']:.2g} | {frac:.2%} |"
+            f"| {_mb(j['written_bytes'])} | {r['refs_s']:.2f}, {r['refs_rss'] / MB:.0f}, "
+            f"{_mb(r['refs_bytes_read'])} | {a['max_abs']:.2g} | {frac:.2%} |"
         )
     lines += [
         "",

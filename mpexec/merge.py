@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from mpstore.errors import AmbiguousRefError, NotFoundError
+from mpstore.folders import known_snapshot
 
 from .execute import execute_plan as run_merge  # noqa: F401  (the entry point's public name)
 from .methods import QueryError
@@ -25,8 +26,9 @@ def resolve_models(
 ) -> dict[str, bytes]:
     """Each model string -> snapshot id: a ref, a snapshot id prefix, or a model folder.
 
-    A folder not yet in the store is ingested first (its base detected with --base auto) unless
-    `ingest` is False (EXPLAIN reads no data), in which case it is an error.
+    A folder is taken as the snapshot its last ingest made while its files are unchanged
+    (mpstore.folders); else it is ingested first (its base detected with --base auto) unless `ingest`
+    is False (EXPLAIN reads no data), in which case it is an error.
     """
     models: dict[str, bytes] = {}
     for model in query.referenced_models():
@@ -42,6 +44,10 @@ def resolve_models(
             path = config_dir / path
         if not path.is_dir():
             raise QueryError(f"model {model}: not a ref, a snapshot id or a model folder (see `mpstore ls`)")
+        known = known_snapshot(store, path)
+        if known is not None:  # ingested before and unchanged since: nothing to read
+            models[model] = known
+            continue
         if not ingest:
             raise QueryError(
                 f"model {model}: folder not in the store yet; ingest it first "

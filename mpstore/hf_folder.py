@@ -96,7 +96,7 @@ def scan_model_folder(path: Path) -> ModelFolder:
         raise InvalidInputError(f"{where}: not a directory")
     root = Path(path).resolve()
 
-    files = _list_files(root, where)
+    files = list_files(root, where)
     if not files:
         raise InvalidInputError(f"{where}: folder is empty")
     fileset = set(files)
@@ -145,7 +145,7 @@ def scan_model_folder(path: Path) -> ModelFolder:
     )
 
 
-def _list_files(root: Path, where: str) -> list[str]:
+def list_files(root: Path, where: str) -> list[str]:
     """Every regular file under `root` (links to regular files inside it included), sorted relpaths."""
     out: list[str] = []
     pending = [""]  # relative dirs still to list; only real directories are entered, so no loops

@@ -23,6 +23,7 @@ import numpy as np
 
 from .dtypes import DType
 from .errors import ConflictError, InvalidInputError
+from .folders import fingerprint, remember
 from .hf_folder import ModelFolder, scan_model_folder
 from .ids import block_id
 from .manifest_log import Commit
@@ -168,8 +169,14 @@ def ingest_folder(
     else:
         old = None
     model = scan_model_folder(folder)
+    folder_fingerprint = fingerprint(folder)  # before reading the data: a change while reading mismatches
     with store.writing().held():  # gc waits until this ingest is committed
-        return _ingest(store, model, name, old, base, progress, started)
+        result = _ingest(store, model, name, old, base, progress, started)
+    try:
+        remember(store, folder, folder_fingerprint, result.id)
+    except OSError:
+        pass  # only a cache (mpstore.folders): a merge naming this folder ingests it again
+    return result
 
 
 def _ingest(
