@@ -234,10 +234,12 @@ def _shown(cmd: list[str], workdir: Path) -> str:
     return shlex.join([Path(cmd[0]).name] + cmd[1:]).replace(str(workdir), "$WORK")
 
 
-def drop_output(mpstore_exe: str, store_path: Path, ref: str) -> None:
-    """Remove a previous run's merged snapshot and collect its blocks, so the next run writes them again
-    (a merge that finds its output stored already writes nothing: timing that would flatter mpstore)."""
-    subprocess.run([mpstore_exe, "--store", str(store_path), "ref", "rm", ref], capture_output=True)
+def drop_output(mpstore_exe: str, store_path: Path, refs: list[str]) -> None:
+    """Remove previous runs' merged snapshots of a case (both YAML variants: their blocks are the same)
+    and collect their blocks, so the next run writes them again (a merge that finds its output stored
+    already writes nothing: timing that would flatter mpstore)."""
+    for ref in refs:
+        subprocess.run([mpstore_exe, "--store", str(store_path), "ref", "rm", ref], capture_output=True)
     subprocess.run([mpstore_exe, "--store", str(store_path), "gc", "--json"], capture_output=True, check=True)
 
 
@@ -431,7 +433,7 @@ def run(
             if who == "mergekit" and spec["out"].exists():
                 shutil.rmtree(spec["out"])
             if who.startswith("mpstore"):  # the merge writes its output afresh, as mergekit does
-                drop_output(mpstore_exe, store_path, spec["ref"] + ("-refs" if who == "mpstore_refs" else ""))
+                drop_output(mpstore_exe, store_path, [spec["ref"], spec["ref"] + "-refs"])
             warm(spec["files"] + [p for p in sorted(store_path.rglob("*")) if p.is_file()])
             r = run_measured(spec[who], env)
             if r.returncode != 0:
@@ -458,9 +460,9 @@ def run(
 
         with Store.open(store_path) as store:
             for spec in specs:
-                refs_run = once(spec, "mpstore_refs")  # the YAML naming the store's refs
                 case = spec["case"]
                 agree = compare_outputs(spec["out"], store, spec["ref"])
+                refs_run = once(spec, "mpstore_refs")  # the YAML naming the store's refs, output fresh too
                 mk, mp = spec["runs"]["mergekit"], spec["runs"]["mpstore"]
                 med = lambda runs, attr: statistics.median(getattr(x, attr) for x in runs)  # noqa: E731
                 fig["rows"].append(
