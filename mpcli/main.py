@@ -563,7 +563,11 @@ def merge(
     except OSError as exc:
         raise UserError(f"{config}: cannot read: {exc.strerror}") from None
     store = ctx.store
-    notify = None if as_json else (lambda model: click.echo(f"ingesting {model} (not in the store yet)", err=True))
+
+    def notify(model: str) -> None:
+        if not as_json:
+            click.echo(f"ingesting {model} (not in the store, or changed since its ingest)", err=True)
+
     plan = plan_merge(store, text, source=str(config), config_dir=config.parent, ingest=not explain, on_ingest=notify)
     budget_report = None
     if io_budget is not None:

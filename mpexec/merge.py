@@ -50,7 +50,7 @@ def resolve_models(
             continue
         if not ingest:
             raise QueryError(
-                f"model {model}: folder not in the store yet; ingest it first "
+                f"model {model}: folder not in the store, or changed since its ingest; ingest it first "
                 f"(`mpstore ingest {model} --name NAME --base auto`) or run without --explain"
             )
         if on_ingest:

@@ -94,7 +94,7 @@ def test_a_collected_snapshot_is_not_taken(store, folders):
     assert known_snapshot(store, base) == unnamed
     store.gc()
     assert known_snapshot(store, base) is None
-    with pytest.raises(QueryError, match="folder not in the store yet"):
+    with pytest.raises(QueryError, match="folder not in the store, or changed since its ingest"):
         plan_merge(store, _yaml(base, base), ingest=False)
 
 
