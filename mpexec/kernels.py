@@ -103,41 +103,51 @@ def ungroup_xor(planes, ref, out):
             )
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def _count_interleaved(keys, counts):
+    """counts[i % 4, keys[i]] += 1: four interleaved histograms, so runs of equal keys (common in
+    bfloat16 deltas) do not wait on one counter; sum them over axis 0."""
+    t = keys.shape[0]
+    for i in range(0, t - 3, 4):
+        counts[0, keys[i]] += 1
+        counts[1, keys[i + 1]] += 1
+        counts[2, keys[i + 2]] += 1
+        counts[3, keys[i + 3]] += 1
+    for i in range(t - t % 4, t):
+        counts[0, keys[i]] += 1
+
+
 @numba.njit(nogil=True, cache=True)
 def high_counts(expert, base, shift, counts, inexact):
-    """Histogram of the high 16 bits of |expert - base| as float32 bits, added to `counts` ([4, bins]:
-    four interleaved histograms, so runs of equal values, common in bfloat16 deltas, do not wait on
-    one counter; sum them over axis 0). `inexact` counts, per bin, the magnitudes whose low 16 bits
-    are not zero: a bin without any holds a single value, so its rank needs no second pass."""
+    """Histogram of the high 16 bits of |expert - base| as float32 bits, added to `counts` ([4, bins],
+    see _count_interleaved). `inexact` counts, per bin, the magnitudes whose low 16 bits are not
+    zero: a bin without any holds a single value, so its rank needs no second pass."""
     n = base.shape[0]
     e_bits, b_bits, mag = _scratch()
     mag_bits = mag.view(np.uint32)
+    keys = np.empty(TILE, np.uint32)
     sh = np.uint32(shift)
     for start in range(0, n, TILE):
         stop = min(n, start + TILE)
         t = stop - start
         _magnitudes(expert[start:stop], base[start:stop], sh, e_bits, b_bits, mag)
-        for i in range(0, t - 3, 4):
-            counts[0, mag_bits[i] >> 16] += 1
-            counts[1, mag_bits[i + 1] >> 16] += 1
-            counts[2, mag_bits[i + 2] >> 16] += 1
-            counts[3, mag_bits[i + 3] >> 16] += 1
-        for i in range(t - t % 4, t):
-            counts[0, mag_bits[i] >> 16] += 1
+        for i in range(t):
+            keys[i] = mag_bits[i] >> np.uint32(16)
+        _count_interleaved(keys[:t], counts)
         for i in range(t):  # rare for bfloat16: a delta rarely needs more than its operands' 8 bits
             if mag_bits[i] & 0xFFFF:
-                inexact[mag_bits[i] >> 16] += 1
+                inexact[keys[i]] += 1
 
 
 @numba.njit(nogil=True, cache=True)
 def low_counts(expert, base, shift, bin_, counts):
     """Histogram of the low 16 bits of the |expert - base| (float32 bits) whose high 16 bits are
-    `bin_`, added to `counts` ([4, 65537], interleaved as in high_counts). The others count in the
-    last column: no branch to mispredict on whether an element is in the bin."""
+    `bin_`, added to `counts` ([4, 65537], see _count_interleaved). The others count in the last
+    column: no branch to mispredict on whether an element is in the bin."""
     n = base.shape[0]
     e_bits, b_bits, mag = _scratch()
     mag_bits = mag.view(np.uint32)
-    slot = np.empty(TILE, np.uint32)
+    keys = np.empty(TILE, np.uint32)
     sh = np.uint32(shift)
     high = np.uint32(bin_)
     for start in range(0, n, TILE):
@@ -146,14 +156,8 @@ def low_counts(expert, base, shift, bin_, counts):
         _magnitudes(expert[start:stop], base[start:stop], sh, e_bits, b_bits, mag)
         for i in range(t):
             bits = mag_bits[i]
-            slot[i] = (bits & np.uint32(0xFFFF)) if (bits >> np.uint32(16)) == high else np.uint32(0x10000)
-        for i in range(0, t - 3, 4):
-            counts[0, slot[i]] += 1
-            counts[1, slot[i + 1]] += 1
-            counts[2, slot[i + 2]] += 1
-            counts[3, slot[i + 3]] += 1
-        for i in range(t - t % 4, t):
-            counts[0, slot[i]] += 1
+            keys[i] = (bits & np.uint32(0xFFFF)) if (bits >> np.uint32(16)) == high else np.uint32(0x10000)
+        _count_interleaved(keys[:t], counts)
 
 
 @numba.njit(nogil=True, cache=True)
